@@ -1,0 +1,101 @@
+"""The sampling loop: one function over any denoiser(s), solver, guidance and hooks.
+
+In the spirit of k-diffusion's samplers: a plain function, per-step callback, no
+model knowledge. A denoiser is `model(x, t, **cond) -> out`, where `out` is the noise
+prediction in the first C channels (C = channels of x), optionally followed by more
+channels (DiT's learned variance).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .context import Hook, SamplingPlan, StepContext
+from .guidance import apply_cfg
+from .solvers import Solver
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # (B, C, H, W) final x_0
+    steps_per_model: list[int]  # steps each denoiser ran, by model index
+
+
+def check_cfg_scale(cfg_scale) -> float:
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale={cfg_scale!r}: must be a finite number >= 0 (1 = no guidance)")
+    return float(cfg_scale)
+
+
+def _cat_cond(a: dict, b: dict) -> dict:
+    """Stack two conditioning dicts along the batch (cond rows first, as official DiT)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+@torch.no_grad()
+def sample(
+    denoisers: Callable | Sequence[Callable],
+    solver: Solver,
+    noise: torch.Tensor,
+    cond: dict,
+    uncond: dict | None = None,
+    *,
+    cfg_scale: float = 1.0,
+    guided_channels: int | None = None,
+    hooks: Sequence[Hook] = (),
+    generators: list[torch.Generator] | None = None,
+    callback: Callable[[StepContext, torch.Tensor], None] | None = None,
+    progress: bool = True,
+) -> SampleResult:
+    """Run the solver from `noise` (B, C, H, W) to x_0.
+
+    cond / uncond: keyword tensors for the denoiser, batch B each; guidance runs the
+    two as one 2B batch while cfg_scale != 1 and no hook has turned it off.
+    generators: B per-sample generators for stochastic solvers (DDPM, DDIM eta > 0).
+    """
+    models = list(denoisers) if isinstance(denoisers, Sequence) else [denoisers]
+    cfg_scale = check_cfg_scale(cfg_scale)
+    use_cfg = cfg_scale != 1.0
+    if use_cfg and uncond is None:
+        raise ValueError("cfg_scale != 1 needs the unconditional inputs (uncond)")
+    B, C = noise.shape[:2]
+    device = noise.device
+
+    scheduler = solver.scheduler
+    sched_steps, model_steps = solver.reset()
+    n = len(sched_steps)
+    plan = SamplingPlan(n, len(models), B, cfg_scale, use_cfg, tuple(model_steps.tolist()))
+    model_t = model_steps.to(device)  # (n,) moved once: no per-step host->device copies
+    both = _cat_cond(cond, uncond) if use_cfg else None
+    counts = [0] * len(models)
+
+    for hook in hooks:
+        hook.start(plan)
+    x = noise * solver.init_noise_sigma
+    for i in tqdm(range(n), desc=f"{solver.name} x{n}", disable=not progress, leave=False):
+        step_t = sched_steps[i]
+        ctx = StepContext(i=i, n=n, t=model_t[i].expand(B), timestep=float(step_t), guidance=use_cfg)
+        for hook in hooks:
+            hook.step(ctx)
+        model = models[ctx.model_index]
+        x_in = scheduler.scale_model_input(x, step_t)
+        if ctx.guidance:
+            out = model(torch.cat([x_in, x_in]), torch.cat([ctx.t, ctx.t]), **both)
+            out_cond, out_uncond = out.chunk(2)
+            out = apply_cfg(out_cond, out_uncond, cfg_scale, eps_channels=C, guided_channels=guided_channels)
+        else:
+            branch = cond if ctx.branch == "cond" else uncond
+            out = model(x_in, ctx.t, **branch)
+        if not solver.learned_variance:
+            out = out[:, :C]  # solvers other than learned-range DDPM take eps only
+        x = scheduler.step(out, step_t, x, generator=generators, **solver.step_kwargs).prev_sample
+        counts[ctx.model_index] += 1
+        if callback is not None:
+            callback(ctx, x)
+    for hook in hooks:
+        hook.end()
+    return SampleResult(x, counts)
