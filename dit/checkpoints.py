@@ -1,0 +1,195 @@
+"""Find, load and check DiT checkpoints; build a ready model by name.
+
+Accepted checkpoints:
+  * an official release name ("DiT-XL-2-256x256.pt"), fetched once into the torch
+    hub cache ($TORCH_HOME/hub/checkpoints) unless offline;
+  * a local .pt: a plain state dict (the releases) or a DiT train.py checkpoint
+    ({"model", "ema", "opt", "args"}; the EMA weights are used);
+  * a diffusers DiTTransformer2DModel `save_pretrained` folder (or pipeline folder).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dit.convert import (
+    diffusers_to_official,
+    is_diffusers_folder,
+    load_diffusers_dit,
+    official_kwargs_from_diffusers_config,
+    read_diffusers_config,
+)
+from dit.models import DiT, DiT_models, dit_config
+
+_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
+OFFICIAL_CHECKPOINTS = {
+    name: _URL.format(name=name) for name in ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
+}
+OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIT_OFFLINE")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint is neither on disk nor obtainable; the message says how to fix it."""
+
+
+def default_cache_dir() -> Path:
+    """$TORCH_HOME/hub/checkpoints (torch.hub's own cache; evaluated per call)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _offline_reason() -> str | None:
+    for var in OFFLINE_ENV_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]} is set"
+    return None
+
+
+def _unavailable(name: str, folder: Path, reason: str) -> CheckpointNotFoundError:
+    url = OFFICIAL_CHECKPOINTS[name]
+    return CheckpointNotFoundError(
+        f"DiT checkpoint {name!r} is not in {folder} and could not be downloaded ({reason}).\n"
+        f"  URL: {url}\n"
+        f"  Fix: on a machine with network, `curl -L --create-dirs -o {folder / name} {url}` "
+        f"(or copy the file there / set TORCH_HOME), or pass the path of a local copy; "
+        f"unset {'/'.join(OFFLINE_ENV_VARS)} to allow the download."
+    )
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local file/folder -> itself; official release name -> cached (downloaded if needed) file."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name not in OFFICIAL_CHECKPOINTS:
+        raise CheckpointNotFoundError(
+            f"checkpoint {name!r} is not an existing file or folder, nor an official DiT checkpoint name "
+            f"({', '.join(OFFICIAL_CHECKPOINTS)})"
+        )
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = folder / name
+    if target.is_file():
+        return target
+    reason = _offline_reason()
+    if reason:
+        raise _unavailable(name, folder, f"offline: {reason}")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"{name}.{os.getpid()}.partial"
+    try:
+        torch.hub.download_url_to_file(OFFICIAL_CHECKPOINTS[name], str(partial), progress=True)
+        os.replace(partial, target)  # atomic: a crash never leaves a truncated `name`
+    except Exception as exc:  # network errors come in many types
+        partial.unlink(missing_ok=True)
+        raise _unavailable(name, folder, f"download failed: {exc!r}") from exc
+    return target
+
+
+def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Official-layout state dict from a .pt file or a diffusers folder (always on CPU).
+
+    .pt files are read with weights_only=True: arbitrary pickled objects are
+    refused. argparse.Namespace is allowed because DiT's train.py stores its args.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointNotFoundError(f"{path} is a folder but not a diffusers DiT folder (no config.json + weights)")
+        state_dict, config = load_diffusers_dit(path)
+        return diffusers_to_official(state_dict, config)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: refused to unpickle (weights_only=True allows only tensors and plain containers): {exc}"
+        ) from exc
+    if isinstance(obj, dict) and "ema" in obj:
+        obj = obj["ema"]
+    elif isinstance(obj, dict) and "model" in obj:
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), got {type(obj).__name__}")
+    return obj
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """strict load, but check keys and shapes first and explain every difference.
+
+    Raises ValueError (and leaves `model` untouched) on missing keys, unexpected keys
+    or shape mismatches; the message names `source`.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not match the model ({type(model).__name__}); nothing was loaded."]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_dit(
+    name: str | None,
+    input_size: int = 32,
+    num_classes: int = 1000,
+    learn_sigma: bool = True,
+    ckpt: str | os.PathLike | None = None,
+    class_dropout_prob: float = 0.1,
+    in_channels: int = 4,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> DiT:
+    """Build `name` (e.g. "DiT-XL/2") and load `ckpt`; returns the model in eval mode.
+
+    ckpt: local .pt, diffusers folder, official release name, or None (random init).
+    name=None is allowed only with a diffusers folder: the architecture then comes
+    from its config.json (the other size arguments are ignored).
+    """
+    if name is not None and name not in DiT_models:
+        raise ValueError(f"unknown DiT model {name!r}; allowed names: {', '.join(DiT_models)}")
+
+    path = resolve_checkpoint(ckpt, cache_dir) if ckpt is not None else None
+    diffusers_config = read_diffusers_config(path) if path is not None and is_diffusers_folder(path) else None
+    if name is None:
+        if diffusers_config is None:
+            raise ValueError(f"name=None needs a diffusers folder checkpoint; allowed names: {', '.join(DiT_models)}")
+        model = DiT(**official_kwargs_from_diffusers_config(diffusers_config))
+    else:
+        if diffusers_config is not None:
+            # Head count is invisible in weight shapes, so check it explicitly.
+            heads = diffusers_config.get("num_attention_heads")
+            if heads != dit_config(name)["num_heads"]:
+                raise ValueError(f"{path} has {heads} attention heads but {name} has {dit_config(name)['num_heads']}")
+        model = DiT_models[name](
+            input_size=input_size,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            class_dropout_prob=class_dropout_prob,
+            in_channels=in_channels,
+        )
+    if path is not None:
+        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
