@@ -5,6 +5,7 @@ from dit.checkpoints import (
     build_dit,
     load_checkpoint_state_dict,
     load_state_dict_checked,
+    official_checkpoint_for,
     resolve_checkpoint,
 )
 from dit.convert import (
@@ -25,6 +26,7 @@ __all__ = [
     "load_state_dict_checked",
     "CheckpointNotFoundError",
     "OFFICIAL_CHECKPOINTS",
+    "official_checkpoint_for",
     "official_to_diffusers",
     "diffusers_to_official",
     "official_kwargs_from_diffusers_config",

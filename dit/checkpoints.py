@@ -33,6 +33,16 @@ OFFICIAL_CHECKPOINTS = {
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIT_OFFLINE")
 
 
+def official_checkpoint_for(name: str, input_size: int) -> str | None:
+    """Release file for a model name and latent size ("DiT-XL/2", 32 -> "DiT-XL-2-256x256.pt"), or None.
+
+    The releases are latent-space models for the SD VAE (8x downsampling).
+    """
+    image = input_size * 8
+    candidate = f"{name.replace('/', '-')}-{image}x{image}.pt"
+    return candidate if candidate in OFFICIAL_CHECKPOINTS else None
+
+
 class CheckpointNotFoundError(FileNotFoundError):
     """A checkpoint is neither on disk nor obtainable; the message says how to fix it."""
 
@@ -159,15 +169,27 @@ def build_dit(
     in_channels: int = 4,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    pretrained: bool = False,
 ) -> DiT:
     """Build `name` (e.g. "DiT-XL/2") and load `ckpt`; returns the model in eval mode.
 
-    ckpt: local .pt, diffusers folder, official release name, or None (random init).
+    input_size: latent side (image side / 8 for the SD VAE).
+    ckpt: local .pt, diffusers folder, official release name, or None.
+    ckpt=None: random init, unless pretrained=True, which picks the official release
+    for (name, input_size) and fails if there is none. An explicit ckpt is always loaded.
     name=None is allowed only with a diffusers folder: the architecture then comes
     from its config.json (the other size arguments are ignored).
     """
     if name is not None and name not in DiT_models:
         raise ValueError(f"unknown DiT model {name!r}; allowed names: {', '.join(DiT_models)}")
+    if ckpt is None and pretrained:
+        ckpt = official_checkpoint_for(name, input_size) if name is not None else None
+        if ckpt is None:
+            raise ValueError(
+                f"no official checkpoint for {name} at latent size {input_size} "
+                f"(released: {', '.join(OFFICIAL_CHECKPOINTS)}, i.e. DiT-XL/2 at latent 32 or 64); "
+                "pass ckpt= or pretrained=False"
+            )
 
     path = resolve_checkpoint(ckpt, cache_dir) if ckpt is not None else None
     diffusers_config = read_diffusers_config(path) if path is not None and is_diffusers_folder(path) else None

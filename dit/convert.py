@@ -93,6 +93,9 @@ def official_to_diffusers(
     depth = _depth(sd, "blocks.")
     heads = num_heads or _heads_for_hidden(hidden)
     # diffusers' LabelEmbedding always has a null row (class_dropout_prob=0.1 hard-coded).
+    standard = sincos_2d(hidden, grid).float()[None]  # (1, T, D)
+    if sd["pos_embed"].shape != standard.shape or not torch.allclose(sd["pos_embed"].float(), standard, atol=1e-5):
+        raise ValueError("pos_embed is not the standard sin-cos table; diffusers recomputes it, so it would be lost")
     if num_classes is None:
         num_classes = table_rows - 1
     if table_rows != num_classes + 1 or num_classes < 1:
