@@ -87,7 +87,9 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256) float32
+        # Features are made in float32 for accuracy, then cast so a .half()/.bfloat16() model runs.
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

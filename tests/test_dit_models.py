@@ -322,3 +322,18 @@ def test_forward_with_cfg_default_is_official_three_channels():
     with torch.no_grad():
         one = model.forward_with_cfg(x, t, y, 1.0, guided_channels=None)
     torch.testing.assert_close(one[:2], raw[:2])
+
+
+def test_half_precision_model_runs():
+    # timestep features are built in float32 and cast to the model's dtype (as for GPU sampling in bf16).
+    model = randomize(DiT(**TINY)).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 900]), torch.tensor([1, 10]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_dit_config_values():
+    assert dit_config("DiT-XL/2") == {"depth": 28, "hidden_size": 1152, "patch_size": 2, "num_heads": 16}
+    assert dit_config("DiT-L/4") == {"depth": 24, "hidden_size": 1024, "patch_size": 4, "num_heads": 16}
+    assert dit_config("DiT-B/8") == {"depth": 12, "hidden_size": 768, "patch_size": 8, "num_heads": 12}
+    assert dit_config("DiT-S/2") == {"depth": 12, "hidden_size": 384, "patch_size": 2, "num_heads": 6}
