@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .generate import check_counts, generate
@@ -43,9 +43,11 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
     return class_labels(cfg.seed, cfg.num_samples, cfg.model.num_classes, labels)
 
 
-def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device):
-    build_cfg = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
-    return instantiate(build_cfg, input_size=input_size, pretrained=pretrained).to(device).eval()
+def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str):
+    """Call the model config's `_target_` builder with its build keys (errors reach the user unwrapped)."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
+    builder = get_method(kwargs.pop("_target_"))
+    return builder(**kwargs, input_size=input_size, pretrained=pretrained).to(device).eval()
 
 
 def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
@@ -54,12 +56,15 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     device = resolve_device(cfg.device)
     image_size = int(cfg.model.image_size)
 
-    vae = load_vae(cfg.vae.source, pretrained=cfg.pretrained, arch=cfg.vae.get("arch")).to(device)
-    factor = downsample_factor(vae)
-    if image_size % factor:
-        raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {factor}")
-    latent_size = image_size // factor
-    model = build_denoiser(cfg.model, latent_size, cfg.pretrained, device)
+    # random weights (pretrained=false) are drawn from the seed, so such runs repeat too
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = load_vae(cfg.vae.source, pretrained=cfg.pretrained, arch=cfg.vae.get("arch")).to(device)
+        factor = downsample_factor(vae)
+        if image_size % factor:
+            raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {factor}")
+        latent_size = image_size // factor
+        model = build_denoiser(cfg.model, latent_size, cfg.pretrained, device)
     latent_channels = vae.config.latent_channels
     if getattr(model, "in_channels", latent_channels) != latent_channels:
         raise ValueError(f"model {cfg.model.name} takes {model.in_channels} latent channels, "

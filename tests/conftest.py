@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny saved models in the real file layouts, and composed Hydra configs."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# A 4-level AutoencoderKL (downsampling 8, 4 latent channels, like the SD VAE) at width 8.
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    """A save_pretrained folder of a random tiny VAE, as `stabilityai/sd-vae-ft-*` is laid out."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_vae")
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def compose_sample():
+    """compose_sample(*overrides) -> the composed configs/sample.yaml."""
+
+    def _compose(*overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name="sample", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
