@@ -16,6 +16,17 @@ TINY_VAE = dict(
 )
 
 
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Random non-zero values for every learned parameter (adaLN-Zero init would make DiT
+    blocks identities and hide any difference); the fixed pos_embed table is kept."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> Path:
     """A save_pretrained folder of a random tiny VAE, as `stabilityai/sd-vae-ft-*` is laid out."""

@@ -17,6 +17,8 @@ from dit.convert import (
 )
 from dit.models import DiT
 
+from conftest import randomize
+
 CONFIG = dict(
     num_attention_heads=2,
     attention_head_dim=16,
@@ -28,16 +30,6 @@ CONFIG = dict(
     num_embeds_ada_norm=10,
     norm_type="ada_norm_zero",
 )
-
-
-def randomize(model, seed=0, std=0.1):
-    """Random non-zero values for every learned parameter (the fixed pos_embed is kept)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 def tiny_diffusers(seed=0, **overrides):

@@ -11,17 +11,9 @@ import torch.nn.functional as F
 from diffusion.attention import find_attention
 from dit.models import DiT, DiT_models, dit_config
 
+from conftest import randomize
+
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Give every learned parameter random non-zero values (adaLN-Zero init would make blocks identities)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 # ---------------------------------------------------------------------------

@@ -153,3 +153,15 @@ def test_script_runs_from_the_command_line(tiny_vae_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {"000003.png", "grid.png", "samples.npz", "metrics.json"} <= set(_files(tmp_path))
+
+
+@pytest.mark.slow
+def test_readme_smoke_command(tmp_path):
+    """The README's command exactly: DiT-S/2 at 256 with the full-size random VAE (~40 s on 2 CPU cores)."""
+    cmd = [sys.executable, "scripts/sample.py", "model=dit_s2", "pretrained=false", "num_samples=4",
+           "sampler.steps=5", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 256, 256, 3)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps_per_model"] == {"DiT-S/2": 5} and metrics["num_images"] == 4
