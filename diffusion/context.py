@@ -37,8 +37,16 @@ class Hook:
     """Base for sampler hooks; every method is optional.
 
     Hooks hold their own state and reset it in `start`, so one hook object can serve
-    many sampling runs.
+    many sampling runs. `attach` is called once by whoever builds the run, before any
+    sampling: a hook checks the denoisers there (and may wrap their modules, undone
+    in `detach`).
     """
+
+    def attach(self, models: list, names: list[str], solver) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
 
     def start(self, plan: SamplingPlan) -> None:
         pass

@@ -24,6 +24,7 @@ class Generation:
     sampling_seconds: float  # the sampling loops alone (no loading, no decoding)
     decode_seconds: float
     steps_per_model: list[int]  # steps of one trajectory run by each denoiser
+    evals_per_model: list[int]  # forward rows per image run by each denoiser (guided steps count 2)
 
 
 def check_counts(num_samples, batch_size) -> None:
@@ -62,7 +63,7 @@ def generate(
     """
     num_samples = len(labels)
     check_counts(num_samples, batch_size)
-    images, sampling_seconds, decode_seconds, steps = [], 0.0, 0.0, None
+    images, sampling_seconds, decode_seconds, result = [], 0.0, 0.0, None
     starts = range(0, num_samples, batch_size)
     for start in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
         indices = list(range(start, min(start + batch_size, num_samples)))
@@ -82,8 +83,9 @@ def generate(
         t2 = time.perf_counter()
         sampling_seconds += t1 - t0
         decode_seconds += t2 - t1
-        steps = steps or result.steps_per_model
         images.append(batch_images)
         if out_dir is not None:
             save_sample_pngs(batch_images, indices, out_dir)
-    return Generation(np.concatenate(images), labels.numpy(), sampling_seconds, decode_seconds, steps)
+    # every batch runs the same schedule, so the last one's counts stand for all
+    return Generation(np.concatenate(images), labels.numpy(), sampling_seconds, decode_seconds,
+                      result.steps_per_model, result.evals_per_model)

@@ -1,7 +1,10 @@
 """A sampling run from a composed Hydra config (configs/sample.yaml): check, build, sample, write.
 
-Models are built through their config's `_target_` (e.g. `dit.build_dit`), so this
-module never imports a model package.
+Models and hooks are built through their configs' `_target_` (e.g. `dit.build_dit`,
+`tstitch.TStitchHook`), so this module never imports a model or technique package.
+
+`accel` configs may add denoisers (`accel.models`, run before `model`, in order) and
+hooks (`accel.hooks`, a dict so that accel configs combine by merging).
 """
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ import logging
 from pathlib import Path
 
 import torch
-from hydra.utils import get_method, instantiate
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from .generate import check_counts, generate
+from .macs import count_macs
 from .outputs import save_grid, save_json, save_npz
 from .sampler import check_cfg_scale
 from .seeding import class_labels
@@ -25,6 +29,14 @@ log = logging.getLogger(__name__)
 SAMPLING_KEYS = ("image_size", "guided_channels", "cond_key")
 
 
+def call_target(node, **extra):
+    """Call a config node's `_target_` with its keys and `extra` (errors reach the user unwrapped,
+    unlike hydra's instantiate, which wraps them)."""
+    kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = get_method(kwargs.pop("_target_"))
+    return target(**kwargs, **extra)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,6 +44,22 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return device
+
+
+def model_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The run's denoiser configs in the order they run: accel.models..., then model."""
+    return list((cfg.accel.get("models") or {}).values()) + [cfg.model]
+
+
+def model_names(configs) -> list[str]:
+    """Display names, made unique ("DiT-S/2", "DiT-S/2#2") for metrics keys."""
+    names = []
+    for c in configs:
+        name, k = str(c.name), 2
+        while name in names:
+            name, k = f"{c.name}#{k}", k + 1
+        names.append(name)
+    return names
 
 
 def check_config(cfg: DictConfig) -> torch.Tensor:
@@ -43,11 +71,24 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
     return class_labels(cfg.seed, cfg.num_samples, cfg.model.num_classes, labels)
 
 
+def build_hooks(cfg: DictConfig) -> list:
+    """The accel hooks from their settings alone, so bad settings fail before any model is built."""
+    return [call_target(node) for node in (cfg.accel.get("hooks") or {}).values()]
+
+
 def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str):
-    """Call the model config's `_target_` builder with its build keys (errors reach the user unwrapped)."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
-    builder = get_method(kwargs.pop("_target_"))
-    return builder(**kwargs, input_size=input_size, pretrained=pretrained).to(device).eval()
+    """Call the model config's `_target_` builder with its build keys."""
+    build_cfg = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
+    return call_target(build_cfg, input_size=input_size, pretrained=pretrained).to(device).eval()
+
+
+def denoiser_macs(model_cfg: DictConfig, latent_shape: tuple[int, int, int]) -> dict[str, int]:
+    """MACs of one forward at batch 1, counted on a `meta` copy (no weights, no memory)."""
+    meta_cfg = OmegaConf.merge(model_cfg, {"ckpt": None})
+    with torch.device("meta"):
+        model = build_denoiser(meta_cfg, latent_shape[-1], pretrained=False, device="meta")
+        x, t, y = torch.zeros(1, *latent_shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+        return count_macs(lambda: model(x, t, **{model_cfg.get("cond_key", "y"): y}))
 
 
 def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
@@ -55,6 +96,9 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     labels = check_config(cfg)
     device = resolve_device(cfg.device)
     image_size = int(cfg.model.image_size)
+    hooks = build_hooks(cfg)
+    configs = model_configs(cfg)
+    names = model_names(configs)
 
     # random weights (pretrained=false) are drawn from the seed, so such runs repeat too
     with torch.random.fork_rng(devices=[]):
@@ -64,30 +108,37 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
         if image_size % factor:
             raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {factor}")
         latent_size = image_size // factor
-        model = build_denoiser(cfg.model, latent_size, cfg.pretrained, device)
+        models = [build_denoiser(c, latent_size, cfg.pretrained, device) for c in configs]
     latent_channels = vae.config.latent_channels
-    if getattr(model, "in_channels", latent_channels) != latent_channels:
-        raise ValueError(f"model {cfg.model.name} takes {model.in_channels} latent channels, "
-                         f"the VAE makes {latent_channels}")
+    for name, model in zip(names, models):
+        if getattr(model, "in_channels", latent_channels) != latent_channels:
+            raise ValueError(f"model {name} takes {model.in_channels} latent channels, the VAE makes {latent_channels}")
+    latent_shape = (latent_channels, latent_size, latent_size)
 
     solver = build_solver(
         cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
         learned_variance=bool(cfg.model.get("learn_sigma", False)),
         eta=cfg.sampler.get("eta", 0.0), spacing=cfg.sampler.get("spacing"),
     )
-    hooks = [instantiate(h) for h in cfg.accel.get("hooks", [])]
+    for hook in hooks:
+        hook.attach(models, names, solver)
+    macs = [denoiser_macs(c, latent_shape) for c in configs]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("sampling %d images of %s with %s x%d on %s into %s",
-             cfg.num_samples, cfg.model.name, cfg.sampler.name, solver.num_steps, device, out_dir)
-    result = generate(
-        model, solver, lambda z: decode_to_uint8(vae, z),
-        latent_shape=(latent_channels, latent_size, latent_size), labels=labels,
-        null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-        cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
-        hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=out_dir, progress=cfg.progress,
-    )
+    log.info("sampling %d images with %s, %s x%d, accel=%s, on %s into %s", cfg.num_samples, " -> ".join(names),
+             cfg.sampler.name, solver.num_steps, cfg.accel.name, device, out_dir)
+    try:
+        result = generate(
+            models, solver, lambda z: decode_to_uint8(vae, z),
+            latent_shape=latent_shape, labels=labels,
+            null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+            cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
+            hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=out_dir, progress=cfg.progress,
+        )
+    finally:
+        for hook in hooks:
+            hook.detach()
     save_grid(result.images, out_dir / "grid.png")
     save_npz(result.images, result.labels, out_dir / "samples.npz")
     metrics = {
@@ -96,14 +147,18 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
         "num_images": len(result.images),
         "images_per_second": len(result.images) / max(result.sampling_seconds, 1e-9),
         "steps": solver.num_steps,
-        "steps_per_model": {cfg.model.name: result.steps_per_model[0]},
+        "steps_per_model": dict(zip(names, result.steps_per_model)),
+        # denoiser MACs: one forward at batch 1 per model, then per image over the run (CFG rows included)
+        "macs_per_forward": dict(zip(names, (m["macs_all"] for m in macs))),
+        "macs_per_image": sum(e * m["macs_all"] for e, m in zip(result.evals_per_model, macs)),
         "sampler": cfg.sampler.name,
         "cfg_scale": float(cfg.sampler.cfg_scale),
+        "accel": cfg.accel.name,
         "seed": int(cfg.seed),
         "device": str(device),
         "image_size": image_size,
     }
     save_json(metrics, out_dir / "metrics.json")
-    log.info("%d images in %.2f s of sampling (%.3f images/s)", metrics["num_images"],
-             metrics["sampling_seconds"], metrics["images_per_second"])
+    log.info("%d images in %.2f s of sampling (%.3f images/s), steps per model %s", metrics["num_images"],
+             metrics["sampling_seconds"], metrics["images_per_second"], metrics["steps_per_model"])
     return metrics

@@ -23,6 +23,7 @@ from .solvers import Solver
 class SampleResult:
     latents: torch.Tensor  # (B, C, H, W) final x_0
     steps_per_model: list[int]  # steps each denoiser ran, by model index
+    evals_per_model: list[int]  # forward rows per sample each denoiser ran (a guided step counts 2)
 
 
 def check_cfg_scale(cfg_scale) -> float:
@@ -71,7 +72,7 @@ def sample(
     plan = SamplingPlan(n, len(models), B, cfg_scale, use_cfg, tuple(model_steps.tolist()))
     model_t = model_steps.to(device)  # (n,) moved once: no per-step host->device copies
     both = _cat_cond(cond, uncond) if use_cfg else None
-    counts = [0] * len(models)
+    counts, evals = [0] * len(models), [0] * len(models)
 
     for hook in hooks:
         hook.start(plan)
@@ -94,8 +95,9 @@ def sample(
             out = out[:, :C]  # solvers other than learned-range DDPM take eps only
         x = scheduler.step(out, step_t, x, generator=generators, **solver.step_kwargs).prev_sample
         counts[ctx.model_index] += 1
+        evals[ctx.model_index] += 2 if ctx.guidance else 1
         if callback is not None:
             callback(ctx, x)
     for hook in hooks:
         hook.end()
-    return SampleResult(x, counts)
+    return SampleResult(x, counts, evals)

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.run import build_denoiser, check_config, run_from_config
+from diffusion.run import build_denoiser, build_hooks, check_config, model_configs, run_from_config
 from diffusion.solvers import NoiseSchedule, build_solver
 
 from conftest import CONFIGS
@@ -49,11 +49,12 @@ def test_every_experiment_composes_and_instantiates(compose_sample, exp):
     build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
                  learned_variance=cfg.model.learn_sigma, eta=cfg.sampler.get("eta", 0.0),
                  spacing=cfg.sampler.get("spacing"))
+    build_hooks(cfg)
     with torch.device("meta"):  # full-size models, no memory or init time
-        model = build_denoiser(cfg.model, cfg.model.image_size // 8, pretrained=False, device="meta")
+        models = [build_denoiser(c, cfg.model.image_size // 8, pretrained=False, device="meta")
+                  for c in model_configs(cfg)]
         vae = instantiate({"_target_": "diffusers.AutoencoderKL", **OmegaConf.to_container(cfg.vae.arch)})
-    assert model.in_channels == vae.config.latent_channels
-    [instantiate(h) for h in cfg.accel.hooks]
+    assert all(m.in_channels == vae.config.latent_channels for m in models)
 
 
 def test_dit_xl2_experiment_is_the_official_sample_command(compose_sample):
