@@ -77,16 +77,20 @@ def build_hooks(cfg: DictConfig) -> list:
 
 
 def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str):
-    """Call the model config's `_target_` builder with its build keys."""
+    """Call the model config's `_target_` builder with its build keys.
+
+    pretrained=False means random weights: any `ckpt` of the config is ignored.
+    """
     build_cfg = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
+    if not pretrained and "ckpt" in build_cfg:
+        build_cfg["ckpt"] = None
     return call_target(build_cfg, input_size=input_size, pretrained=pretrained).to(device).eval()
 
 
 def denoiser_macs(model_cfg: DictConfig, latent_shape: tuple[int, int, int]) -> dict[str, int]:
     """MACs of one forward at batch 1, counted on a `meta` copy (no weights, no memory)."""
-    meta_cfg = OmegaConf.merge(model_cfg, {"ckpt": None})
     with torch.device("meta"):
-        model = build_denoiser(meta_cfg, latent_shape[-1], pretrained=False, device="meta")
+        model = build_denoiser(model_cfg, latent_shape[-1], pretrained=False, device="meta")
         x, t, y = torch.zeros(1, *latent_shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
         return count_macs(lambda: model(x, t, **{model_cfg.get("cond_key", "y"): y}))
 
