@@ -1,0 +1,46 @@
+"""T-Stitch speed: measured sampling time per small-model fraction against the ideal.
+
+python scripts/bench.py                      # DiT-S/2 -> DiT-XL/2, 10 DDIM steps, batch 1
+python scripts/bench.py device=cuda batch_size=8 steps=100
+"""
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from diffusion.outputs import save_json
+from diffusion.run import resolve_device
+from diffusion.solvers import build_solver
+from dit import build_dit
+from tstitch.bench import format_table, time_ratios
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="../configs", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    latent = cfg.image_size // 8
+    small, large = (build_dit(name, input_size=latent).to(device) for name in (cfg.small, cfg.large))
+    solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
+    rows = time_ratios(small, large, solver, list(cfg.ratios), latent_shape=(4, latent, latent),
+                       batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, repeats=cfg.repeats,
+                       warmup=cfg.warmup, device=device)
+    table = format_table(rows, cfg.small, cfg.large)
+    threads = torch.get_num_threads()
+    print(f"\n{cfg.small} -> {cfg.large}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, "
+          f"cfg {cfg.cfg_scale}, {device} ({threads} threads), median of {cfg.repeats}\n{table}")
+    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    save_json({"rows": rows, "device": str(device), "threads": threads, "config": json.loads(json.dumps(
+        {k: (list(v) if k == "ratios" else v) for k, v in cfg.items() if k != "hydra"}))}, out)
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Timing stitched sampling against the ideal interpolation of the models' own times."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from diffusion import sample
+from diffusion.seeding import initial_noise, sample_generators
+
+from .hook import TStitchHook
+from .schedule import steps_per_model
+
+
+def _time_once(models, solver, ratio, latent_shape, batch_size, cfg_scale, null_label, device) -> float:
+    gens = sample_generators(0, range(batch_size), device)
+    noise = initial_noise(gens, latent_shape, device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    sample(models, solver, noise, {"y": y}, {"y": torch.full_like(y, null_label)}, cfg_scale=cfg_scale,
+           hooks=[TStitchHook(ratio=ratio)], generators=gens, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg_scale=1.5, null_label=1000,
+                repeats=3, warmup=1, device=torch.device("cpu")) -> list[dict]:
+    """Median sampling time per small-model ratio, with the speed-ups it implies.
+
+    Ratios are timed round-robin (repeat 1 of every ratio, then repeat 2, ...) so that a
+    slow drift of the machine spreads over all of them. The ideal for ratio r is
+    s * t(small only) + (1 - s) * t(large only), with s = round(r n) / n the small
+    model's share of the n steps and both times measured here.
+    """
+    ratios = sorted(set([0.0, 1.0, *ratios]))
+    models = [small, large]
+    times = {r: [] for r in ratios}
+    for _ in range(warmup):  # each model alone: first calls pay one-off kernel set-up
+        for r in (0.0, 1.0):
+            _time_once(models, solver, r, latent_shape, batch_size, cfg_scale, null_label, device)
+    for _ in range(repeats):
+        for r in ratios:
+            times[r].append(_time_once(models, solver, r, latent_shape, batch_size, cfg_scale, null_label, device))
+    t_small, t_large = statistics.median(times[1.0]), statistics.median(times[0.0])
+    rows = []
+    for r in ratios:
+        measured = statistics.median(times[r])
+        steps = steps_per_model([r, 1 - r], solver.num_steps)
+        share = steps[0] / solver.num_steps  # the small model's actual share of steps (= r when r*n is whole)
+        ideal = share * t_small + (1 - share) * t_large
+        rows.append({
+            "ratio": r,
+            "steps": steps,
+            "seconds": measured,
+            "ideal_seconds": ideal,
+            "speedup": t_large / measured,
+            "ideal_speedup": t_large / ideal,
+            "time_vs_ideal": measured / ideal,
+        })
+    return rows
+
+
+def format_table(rows, small_name: str, large_name: str) -> str:
+    head = (f"| {small_name} fraction | steps {small_name}/{large_name} | time (s) | ideal time (s) "
+            f"| speed-up | ideal speed-up | time / ideal |")
+    lines = [head, "|" + "---|" * 7]
+    for row in rows:
+        lines.append(f"| {row['ratio']:.1f} | {row['steps'][0]}/{row['steps'][1]} | {row['seconds']:.2f} "
+                     f"| {row['ideal_seconds']:.2f} | {row['speedup']:.2f}x | {row['ideal_speedup']:.2f}x "
+                     f"| {row['time_vs_ideal']:.3f} |")
+    return "\n".join(lines)
