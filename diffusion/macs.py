@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from .context import SamplingPlan, StepContext
 
 # ops that compute softmax(QK^T)V: FlopCounterMode reports SDPA either as itself or,
 # when it is decomposed, as the two batched matmuls
@@ -26,3 +29,34 @@ def count_macs(forward: Callable[[], object]) -> dict[str, int]:
     all_flops = sum(totals.values())
     attention = sum(v for op, v in totals.items() if any(name in str(op) for name in ATTENTION_MATMUL_OPS))
     return {"macs_all": all_flops // 2, "macs_paper": (all_flops - attention) // 2}
+
+
+def count_sampling_macs(
+    count_step: Callable[[StepContext, int], dict[str, int]],
+    plan: SamplingPlan,
+    hooks=(),
+) -> dict:
+    """MACs of a whole sampling run, step by step, with the hooks deciding as in `sample`.
+
+    count_step(ctx, rows): the MACs of the step's denoiser call (`ctx.model_index`) at
+    `rows` batch rows, e.g. `count_macs` over a `meta` model. The loop mirrors
+    `diffusion.sample`'s decisions: a guided step runs 2B rows, any other B rows of the
+    chosen branch; hooks that gate modules act for real, since the real module code
+    runs. Returns {"macs_all", "macs_paper", "per_step": [...]} for the plan's batch
+    (batch_size=1 gives per-image counts).
+    """
+    B = plan.batch_size
+    per_step = []
+    for hook in hooks:
+        hook.start(plan)
+    for i in range(plan.num_steps):
+        ctx = StepContext(i=i, n=plan.num_steps, t=torch.zeros(B, device="meta"),
+                          timestep=plan.model_timesteps[i], guidance=plan.use_cfg)
+        for hook in hooks:
+            hook.step(ctx)
+        rows = 2 * B if ctx.guidance else B
+        per_step.append({"step": i, "model_index": ctx.model_index, "rows": rows, **count_step(ctx, rows)})
+    for hook in hooks:
+        hook.end()
+    return {"macs_all": sum(s["macs_all"] for s in per_step),
+            "macs_paper": sum(s["macs_paper"] for s in per_step), "per_step": per_step}

@@ -1,0 +1,47 @@
+"""T-GATE as a sampler hook: one schedule over the whole trajectory, whichever model runs."""
+from __future__ import annotations
+
+from diffusion import Hook, SamplingPlan, StepContext
+
+from .apply import apply_tgate, remove_tgate
+from .config import TGateConfig
+from .state import TGateState
+
+
+class TGateHook(Hook):
+    """Gates the attention of every denoiser of the run and truncates guidance.
+
+    Keyword settings are TGateConfig's (plain values, as Hydra passes them). The step
+    count is the trajectory's: with T-Stitch, each model's attention modules keep their
+    own caches, and a model that meets a reuse step it has no cache for computes it.
+    """
+
+    def __init__(self, gate_step: int = 10, sp_interval: int = 5, fi_interval: int = 1, warm_up: int = 2,
+                 lcm: bool = False, branch: str = "uncond"):
+        self.config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm, branch)
+        self.state = TGateState(self.config)
+        self._models: list = []
+
+    def attach(self, models, names, solver) -> None:
+        self.detach()
+        for model in models:
+            apply_tgate(model, self.config, self.state)
+            self._models.append(model)
+
+    def detach(self) -> None:
+        for model in self._models:
+            remove_tgate(model)
+        self._models = []
+
+    def start(self, plan: SamplingPlan) -> None:
+        self.state.start(plan.use_cfg)
+
+    def step(self, ctx: StepContext) -> None:
+        actions = self.state.step(ctx.i)
+        ctx.attention["tgate"] = actions
+        if ctx.guidance and not actions.guidance:
+            ctx.guidance = False  # from the gate step on: one branch at batch B
+            ctx.branch = self.config.branch
+
+    def end(self) -> None:
+        self.state.end()
