@@ -21,7 +21,7 @@ from .outputs import save_grid, save_json, save_npz
 from .sampler import check_cfg_scale
 from .seeding import class_labels
 from .solvers import NoiseSchedule, build_solver, check_solver_args
-from .vae import decode_to_uint8, downsample_factor, load_vae
+from .vae import load_first_stage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def model_names(configs) -> list[str]:
 
 def check_config(cfg: DictConfig) -> torch.Tensor:
     """Every check that needs no model, before any work; returns the class labels."""
+    for c in model_configs(cfg):
+        if c.get("count_only", False):  # e.g. model=sdxl: an architecture for scripts/count_macs.py
+            raise ValueError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "
+                             "scripts/sample.py samples class-conditional models (DiT) for now")
     check_counts(cfg.num_samples, cfg.batch_size)
     check_cfg_scale(cfg.sampler.cfg_scale)
     check_solver_args(cfg.sampler.name, cfg.sampler.steps, cfg.sampler.get("eta", 0.0), cfg.sampler.get("spacing"))
@@ -107,16 +111,19 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     # random weights (pretrained=false) are drawn from the seed, so such runs repeat too
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vae = load_vae(cfg.vae.source, pretrained=cfg.pretrained, arch=cfg.vae.get("arch")).to(device)
-        factor = downsample_factor(vae)
-        if image_size % factor:
-            raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {factor}")
-        latent_size = image_size // factor
+        stage = load_first_stage(cfg.vae, pretrained=cfg.pretrained, device=device)
+        if image_size % stage.factor:
+            raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
+        latent_size = image_size // stage.factor
         models = [build_denoiser(c, latent_size, cfg.pretrained, device) for c in configs]
-    latent_channels = vae.config.latent_channels
+    latent_channels = stage.latent_channels
     for name, model in zip(names, models):
         if getattr(model, "in_channels", latent_channels) != latent_channels:
             raise ValueError(f"model {name} takes {model.in_channels} latent channels, the VAE makes {latent_channels}")
+    guided = cfg.model.get("guided_channels")
+    if guided is not None and not 0 < guided <= latent_channels:
+        raise ValueError(f"model.guided_channels={guided}: must be in [1, {latent_channels}] "
+                         f"(the latent has {latent_channels} channels) or null for all")
     latent_shape = (latent_channels, latent_size, latent_size)
 
     solver = build_solver(
@@ -134,7 +141,7 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
              cfg.sampler.name, solver.num_steps, cfg.accel.name, device, out_dir)
     try:
         result = generate(
-            models, solver, lambda z: decode_to_uint8(vae, z),
+            models, solver, stage.decode,
             latent_shape=latent_shape, labels=labels,
             null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
             cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),

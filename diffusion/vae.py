@@ -1,4 +1,8 @@
-"""The first stage: a diffusers AutoencoderKL from a local folder or a hub id."""
+"""The first stage: a diffusers AutoencoderKL from a local folder or a hub id, or pixel space.
+
+`FirstStage` is what a run needs of it: the latent channels, the downsampling factor,
+and latents -> uint8 images.
+"""
 from __future__ import annotations
 
 import os
@@ -54,11 +58,39 @@ def downsample_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8, quantised as ADM/DiT's sample_ddp; grey is repeated to RGB."""
+    images = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
 @torch.no_grad()
 def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float | None = None) -> np.ndarray:
-    """(B, C, h, w) latents -> (B, H, W, 3) uint8 images, quantised as ADM/DiT's sample_ddp."""
+    """(B, C, h, w) latents -> (B, H, W, 3) uint8 images."""
     scale = vae.config.scaling_factor if scaling_factor is None else scaling_factor
     param = next(vae.parameters())
-    images = vae.decode(latents.to(param.device, param.dtype) / scale).sample.float()
-    images = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(vae.decode(latents.to(param.device, param.dtype) / scale).sample)
+
+
+class FirstStage:
+    """Latent <-> image: an AutoencoderKL, or (vae=None) pixel space with `channels` channels."""
+
+    def __init__(self, vae: AutoencoderKL | None = None, channels: int | None = None):
+        if (vae is None) == (channels is None):
+            raise ValueError("give a VAE or, for pixel space, the image channels")
+        self.vae = vae
+        self.latent_channels = vae.config.latent_channels if vae is not None else int(channels)
+        self.factor = downsample_factor(vae) if vae is not None else 1
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, C, h, w) -> (B, H, W, 3) uint8."""
+        return to_uint8(latents) if self.vae is None else decode_to_uint8(self.vae, latents)
+
+
+def load_first_stage(vae_cfg, *, pretrained: bool, device) -> FirstStage:
+    """From a `vae` config: `source: null` is pixel space with `channels` image channels."""
+    if vae_cfg.get("source") is None:
+        return FirstStage(channels=vae_cfg.get("channels", 3))
+    return FirstStage(load_vae(vae_cfg.source, pretrained=pretrained, arch=vae_cfg.get("arch")).to(device))

@@ -50,11 +50,16 @@ def test_every_experiment_composes_and_instantiates(compose_sample, exp):
                  learned_variance=cfg.model.learn_sigma, eta=cfg.sampler.get("eta", 0.0),
                  spacing=cfg.sampler.get("spacing"))
     build_hooks(cfg)
+    pixel_space = cfg.vae.source is None
     with torch.device("meta"):  # full-size models, no memory or init time
-        models = [build_denoiser(c, cfg.model.image_size // 8, pretrained=False, device="meta")
+        if pixel_space:
+            channels, factor = cfg.vae.channels, 1
+        else:
+            vae = instantiate({"_target_": "diffusers.AutoencoderKL", **OmegaConf.to_container(cfg.vae.arch)})
+            channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+        models = [build_denoiser(c, cfg.model.image_size // factor, pretrained=False, device="meta")
                   for c in model_configs(cfg)]
-        vae = instantiate({"_target_": "diffusers.AutoencoderKL", **OmegaConf.to_container(cfg.vae.arch)})
-    assert all(m.in_channels == vae.config.latent_channels for m in models)
+    assert all(m.in_channels == channels for m in models)
 
 
 def test_dit_xl2_experiment_is_the_official_sample_command(compose_sample):
@@ -116,6 +121,20 @@ def test_bad_input_is_refused_and_nothing_is_written(compose_sample, tiny_vae_di
     with pytest.raises(ValueError, match=message):
         _run(compose_sample, tiny_vae_dir, tmp_path / "out", override)
     assert _files(tmp_path / "out") == []
+
+
+def test_pixel_space_run(compose_sample, tmp_path):
+    """vae=none: the model denoises 1-channel images directly; PNGs are grey RGB."""
+    cfg = compose_sample("model=dit_s2", "model.image_size=8", "+model.in_channels=1", "model.num_classes=10",
+                         "vae=none", "vae.channels=1", "pretrained=false", "num_samples=3", "sampler.steps=3",
+                         "progress=false")
+    with pytest.raises(ValueError, match=r"model.guided_channels=3: must be in \[1, 1\]"):
+        run_from_config(cfg, tmp_path)  # DiT's 3-of-4-channel quirk cannot apply to one channel
+    cfg.model.guided_channels = None
+    run_from_config(cfg, tmp_path)
+    images = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert images.shape == (3, 8, 8, 3)
+    assert (images[..., 0] == images[..., 2]).all()
 
 
 def test_checkpoint_of_the_wrong_model_is_refused(compose_sample, tiny_vae_dir, tmp_path):
