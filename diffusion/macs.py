@@ -31,6 +31,14 @@ def count_macs(forward: Callable[[], object]) -> dict[str, int]:
     return {"macs_all": all_flops // 2, "macs_paper": (all_flops - attention) // 2}
 
 
+def _hashable(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 def count_sampling_macs(
     count_step: Callable[[StepContext, int], dict[str, int]],
     plan: SamplingPlan,
@@ -44,8 +52,19 @@ def count_sampling_macs(
     chosen branch; hooks that gate modules act for real, since the real module code
     runs. Returns {"macs_all", "macs_paper", "per_step": [...]} for the plan's batch
     (batch_size=1 gives per-image counts).
+
+    A meta forward of a large model takes seconds (meta kernels run in Python), and
+    most steps repeat an earlier one exactly, so a step is counted once per key: the
+    model, the rows, the decisions in `ctx.attention`, and the `count_state()` key of
+    every hook that keeps state inside the model (e.g. which attention caches are
+    filled). A repeated step takes the earlier count, and such hooks get
+    `restore_count_state(...)` with what that step left, so later steps see the state
+    a real run gives them. Hooks that change a forward by other means than these
+    must implement count_state too.
     """
     B = plan.batch_size
+    stateful = [h for h in hooks if hasattr(h, "count_state")]
+    memo: dict = {}
     per_step = []
     for hook in hooks:
         hook.start(plan)
@@ -55,8 +74,18 @@ def count_sampling_macs(
         for hook in hooks:
             hook.step(ctx)
         rows = 2 * B if ctx.guidance else B
-        per_step.append({"step": i, "model_index": ctx.model_index, "rows": rows, **count_step(ctx, rows)})
+        key = (ctx.model_index, rows, _hashable(tuple(sorted(ctx.attention.items()))),
+               tuple(h.count_state()[0] for h in stateful))
+        if key in memo:
+            macs, after = memo[key]
+            for hook, snapshot in zip(stateful, after):
+                hook.restore_count_state(snapshot)
+        else:
+            macs = count_step(ctx, rows)
+            memo[key] = (macs, [h.count_state()[1] for h in stateful])
+        per_step.append({"step": i, "model_index": ctx.model_index, "rows": rows, **macs})
     for hook in hooks:
         hook.end()
     return {"macs_all": sum(s["macs_all"] for s in per_step),
-            "macs_paper": sum(s["macs_paper"] for s in per_step), "per_step": per_step}
+            "macs_paper": sum(s["macs_paper"] for s in per_step),
+            "forwards_counted": len(memo), "per_step": per_step}

@@ -76,48 +76,43 @@ def denoiser_inputs(model: nn.Module, model_cfg: DictConfig, rows: int) -> tuple
     raise ValueError(f"cannot make counting inputs for {type(model).__name__}")
 
 
-class StepCounter:
-    """count_step for `count_sampling_macs`: FlopCounterMode over the real forward on meta.
-
-    A meta forward of SD-XL takes ~2 s (meta kernels run in Python), and most steps of a
-    run repeat an earlier one exactly: same model, rows, gate actions, and the same
-    cache shapes in every gated module. Such a step is not run again: its count is
-    reused and the caches are set to what that forward left (meta tensors: shapes
-    only), so later steps see exactly the state a real run would give them.
-    """
-
-    def __init__(self, models: list[nn.Module], model_cfgs: list[DictConfig], states=()):
-        self.models, self.model_cfgs = models, model_cfgs
-        self.module_hooks = [h for state in states for h in state.module_hooks]
-        self.states = list(states)
-        self.memo: dict = {}
-        self.forwards = 0  # forwards actually run (the rest were repeats)
-
-    def _caches(self) -> tuple:
-        return tuple(None if h.cache is None else tuple(h.cache.shape) for h in self.module_hooks)
-
-    def __call__(self, ctx, rows: int) -> dict[str, int]:
-        key = (ctx.model_index, rows, tuple(s.actions for s in self.states), self._caches())
-        if key in self.memo:
-            macs, after = self.memo[key]
-            for hook, cache in zip(self.module_hooks, after):
-                hook.cache = cache
-            return macs
-        model, model_cfg = self.models[ctx.model_index], self.model_cfgs[ctx.model_index]
-        args, kwargs = denoiser_inputs(model, model_cfg, rows)
-        with torch.no_grad():
-            macs = count_macs(lambda: model(*args, **kwargs))
-        self.forwards += 1
-        self.memo[key] = (macs, [h.cache for h in self.module_hooks])
-        return macs
-
-
 def count_run(models: list[nn.Module], model_cfgs: list[DictConfig], num_steps: int, use_cfg: bool,
               hooks=()) -> dict:
     """MACs for one image over num_steps (the CFG batch included while guidance runs)."""
     plan = SamplingPlan(num_steps, len(models), 1, 2.0 if use_cfg else 1.0, use_cfg, tuple(range(num_steps)))
-    states = [h.state for h in hooks if isinstance(h, TGateHook)]
-    return count_sampling_macs(StepCounter(models, model_cfgs, states), plan, hooks)
+
+    def count_step(ctx, rows: int) -> dict[str, int]:
+        model, model_cfg = models[ctx.model_index], model_cfgs[ctx.model_index]
+        args, kwargs = denoiser_inputs(model, model_cfg, rows)
+        with torch.no_grad():
+            return count_macs(lambda: model(*args, **kwargs))
+
+    return count_sampling_macs(count_step, plan, hooks)
+
+
+def count_config(cfg: DictConfig) -> dict:
+    """Baseline (`model` alone, no hooks) and accelerated (accel.models + model, accel.hooks)
+    MACs for one image, as scripts/sample.py would run `cfg` (composed from configs/macs.yaml)."""
+    from diffusion.run import build_hooks, model_configs, model_names
+    from diffusion.solvers import NoiseSchedule, build_solver
+    from diffusion.sampler import check_cfg_scale
+
+    use_cfg = check_cfg_scale(cfg.sampler.cfg_scale) != 1.0
+    hooks = build_hooks(cfg)  # bad settings fail here, before any model is built
+    solver = build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
+                          learned_variance=bool(cfg.model.get("learn_sigma", False)),
+                          eta=cfg.sampler.get("eta", 0.0), spacing=cfg.sampler.get("spacing"))
+    configs = model_configs(cfg)
+    models = [build_meta_denoiser(c) for c in configs]
+    baseline = count_run(models[-1:], configs[-1:], solver.num_steps, use_cfg)
+    for hook in hooks:
+        hook.attach(models, model_names(configs), solver)
+    try:
+        accelerated = count_run(models, configs, solver.num_steps, use_cfg, hooks)
+    finally:
+        for hook in hooks:
+            hook.detach()
+    return {"baseline": baseline, "accelerated": accelerated}
 
 
 def count_tgate(model_cfg: DictConfig, num_steps: int, use_cfg: bool, tgate: dict | None) -> dict:
@@ -132,3 +127,16 @@ def count_tgate(model_cfg: DictConfig, num_steps: int, use_cfg: bool, tgate: dic
         finally:
             hook.detach()
     return result
+
+
+def format_table(cfg: DictConfig, result: dict) -> str:
+    """The counts as a small text table, in T (10^12) MACs, with the speed-up they predict."""
+    base = result["baseline"]
+    head = (f"{cfg.model.name}, {cfg.sampler.name} x{len(base['per_step'])} steps, cfg_scale {cfg.sampler.cfg_scale}, "
+            f"accel={cfg.accel.name}; MACs for one image")
+    lines = [head, f"{'':12s} {'paper (T)':>10s} {'all ops (T)':>12s} {'speed-up':>9s}"]
+    for key, row in result.items():
+        lines.append(f"{key:12s} {row['macs_paper'] / 1e12:10.3f} {row['macs_all'] / 1e12:12.3f} "
+                     f"{base['macs_all'] / row['macs_all']:8.2f}x")
+    lines.append("paper = without the attention score/value matmuls (the T-GATE tables' convention)")
+    return "\n".join(lines)

@@ -17,8 +17,12 @@ class TGateHook(Hook):
     """
 
     def __init__(self, gate_step: int = 10, sp_interval: int = 5, fi_interval: int = 1, warm_up: int = 2,
-                 lcm: bool = False, branch: str = "uncond"):
+                 lcm: bool = False, branch: str = "uncond", cfg_scale: float | None = None):
+        """cfg_scale: the run's guidance scale, when known from the config, so that lcm with a
+        CFG batch is refused before any model is built (it is checked again at `start`)."""
         self.config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm, branch)
+        if cfg_scale is not None:
+            self.config.check_guidance(use_cfg=cfg_scale != 1)
         self.state = TGateState(self.config)
         self._models: list = []
 
@@ -45,3 +49,13 @@ class TGateHook(Hook):
 
     def end(self) -> None:
         self.state.end()
+
+    # MACs counting (diffusion.macs.count_sampling_macs): the caches decide what a forward
+    # computes, so a counted step is only repeated when the caches look the same
+    def count_state(self):
+        caches = [h.cache for h in self.state.module_hooks]
+        return (self.state.actions, tuple(None if c is None else tuple(c.shape) for c in caches)), caches
+
+    def restore_count_state(self, caches) -> None:
+        for hook, cache in zip(self.state.module_hooks, caches):
+            hook.cache = cache
