@@ -16,7 +16,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from .generate import check_counts, generate
-from .macs import count_macs
+from .context import SamplingPlan
+from .macs import count_macs, count_sampling_macs
 from .outputs import save_grid, save_json, save_npz
 from .sampler import check_cfg_scale
 from .seeding import class_labels
@@ -99,6 +100,33 @@ def denoiser_macs(model_cfg: DictConfig, latent_shape: tuple[int, int, int]) -> 
         return count_macs(lambda: model(x, t, **{model_cfg.get("cond_key", "y"): y}))
 
 
+def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int], solver) -> int:
+    """Denoiser MACs (all ops) for one image over the whole run, CFG rows included.
+
+    Counted on `meta` copies with a fresh set of the run's hooks, so hooks that skip work
+    inside a model (T-GATE's attention reuse) are counted as they act, not estimated.
+    """
+    with torch.device("meta"):
+        models = [build_denoiser(c, latent_shape[-1], pretrained=False, device="meta") for c in configs]
+    hooks = build_hooks(cfg)
+    for hook in hooks:
+        hook.attach(models, names, solver)
+    scale = float(cfg.sampler.cfg_scale)
+    plan = SamplingPlan(solver.num_steps, len(models), 1, scale, scale != 1.0, tuple(range(solver.num_steps)))
+
+    def count_step(ctx, rows: int) -> dict[str, int]:
+        model, key = models[ctx.model_index], configs[ctx.model_index].get("cond_key", "y")
+        x, t = torch.zeros(rows, *latent_shape, device="meta"), torch.zeros(rows, device="meta")
+        y = torch.zeros(rows, dtype=torch.long, device="meta")
+        return count_macs(lambda: model(x, t, **{key: y}))
+
+    try:
+        return count_sampling_macs(count_step, plan, hooks)["macs_all"]
+    finally:
+        for hook in hooks:
+            hook.detach()
+
+
 def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Sample `cfg.num_samples` images into out_dir; returns the metrics written there."""
     labels = check_config(cfg)
@@ -159,9 +187,9 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
         "images_per_second": len(result.images) / max(result.sampling_seconds, 1e-9),
         "steps": solver.num_steps,
         "steps_per_model": dict(zip(names, result.steps_per_model)),
-        # denoiser MACs: one forward at batch 1 per model, then per image over the run (CFG rows included)
+        # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted (CFG rows included)
         "macs_per_forward": dict(zip(names, (m["macs_all"] for m in macs))),
-        "macs_per_image": sum(e * m["macs_all"] for e, m in zip(result.evals_per_model, macs)),
+        "macs_per_image": run_macs(cfg, configs, names, latent_shape, solver),
         "sampler": cfg.sampler.name,
         "cfg_scale": float(cfg.sampler.cfg_scale),
         "accel": cfg.accel.name,
