@@ -1,0 +1,78 @@
+"""accel=tgate and accel=tstitch_tgate through scripts/sample.py's run; configs; bad input."""
+import json
+
+import pytest
+
+from diffusion.run import build_hooks, run_from_config
+from tgate import TGateHook
+
+from conftest import CONFIGS
+
+# DiT-S/2 at 32x32 pixels (4 tokens), random weights and a tiny random VAE, 6 steps
+TINY = ["model=dit_s2", "model.image_size=32", "num_samples=2", "batch_size=2", "sampler.steps=6",
+        "progress=false", "pretrained=false", "vae.arch.block_out_channels=[8,8,8,8]",
+        "vae.arch.norm_num_groups=8", "vae.arch.layers_per_block=1"]
+GATE = ["accel.tgate.gate_step=3", "accel.tgate.sp_interval=2", "accel.tgate.warm_up=0", "accel.tgate.fi_interval=2"]
+
+
+@pytest.mark.parametrize("accel", sorted(p.stem for p in (CONFIGS / "accel").glob("*tgate*.yaml")))
+def test_every_tgate_accel_config_composes_into_hooks(compose_sample, accel):
+    extra = ["sampler.cfg_scale=1"] if accel == "tgate_lcm" else []
+    cfg = compose_sample(f"accel={accel}", *extra)
+    hooks = build_hooks(cfg)
+    gate = [h for h in hooks if isinstance(h, TGateHook)]
+    assert len(gate) == 1 and cfg.accel.name == accel
+    assert gate[0].config.gate_step == cfg.accel.tgate.gate_step
+    assert gate[0].config.branch == ("cond" if accel in ("tgate", "tstitch_tgate") else "uncond")
+
+
+def test_tgate_run_writes_steps_and_gated_macs(compose_sample, tmp_path):
+    plain = run_from_config(compose_sample(*TINY), tmp_path / "plain")
+    gated = run_from_config(compose_sample(*TINY, "accel=tgate", *GATE), tmp_path / "gated")
+    assert json.loads((tmp_path / "gated" / "metrics.json").read_text()) == gated
+    assert gated["accel"] == "tgate" and gated["steps"] == 6 and gated["steps_per_model"] == {"DiT-S/2": 6}
+    per_forward = plain["macs_per_forward"]["DiT-S/2"]
+    assert plain["macs_per_image"] == 6 * 2 * per_forward
+    # 3 guided steps (2 rows), 3 single-branch steps, and self-attention reused at some steps
+    assert gated["macs_per_image"] < (3 * 2 + 3) * per_forward
+    assert gated["macs_per_image"] > 0
+
+
+def test_gate_off_run_gives_the_plain_images(compose_sample, tmp_path):
+    import numpy as np
+
+    run_from_config(compose_sample(*TINY), tmp_path / "plain")
+    off = ["accel=tgate", "accel.tgate.gate_step=7", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
+    run_from_config(compose_sample(*TINY, *off), tmp_path / "off")
+    a, b = (np.load(tmp_path / x / "samples.npz")["arr_0"] for x in ("plain", "off"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tstitch_tgate_run(compose_sample, tmp_path):
+    cfg = compose_sample(*TINY, "accel=tstitch_tgate", *GATE, "accel.tstitch.ratio=0.5")
+    assert list(cfg.accel.hooks) == ["tstitch", "tgate"] and cfg.accel.name == "tstitch_tgate"
+    metrics = run_from_config(cfg, tmp_path)
+    assert metrics["steps_per_model"] == {"DiT-S/2": 3, "DiT-S/2#2": 3}
+    assert metrics["accel"] == "tstitch_tgate" and metrics["macs_per_image"] > 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("accel.tgate.gate_step=0", r"tgate gate_step=0: must be an integer >= 1"),
+    ("accel.tgate.sp_interval=0", r"tgate sp_interval=0: must be an integer >= 1"),
+    ("accel.tgate.fi_interval=-1", r"tgate fi_interval=-1: must be an integer >= 1"),
+    ("accel.tgate.warm_up=-1", r"tgate warm_up=-1: must be an integer >= 0"),
+    ("accel.tgate.lcm=true", r"lcm=true, but this run uses classifier-free guidance"),
+    ("accel.tgate.branch=both", r"tgate branch='both'"),
+])
+def test_bad_settings_fail_before_models_are_built(compose_sample, tmp_path, override, message):
+    cfg = compose_sample(*TINY, "accel=tgate", override, "model.name=DiT-Q/9")  # an unknown model would fail later
+    with pytest.raises(ValueError, match=message):
+        run_from_config(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["sdxl", "sdxl_lcm", "sd15", "pixart_alpha", "pixart_sigma"])
+def test_counting_only_models_are_refused_by_sample(compose_sample, tmp_path, model):
+    cfg = compose_sample(f"model={model}")
+    with pytest.raises(ValueError, match=r"is an architecture config for scripts/count_macs.py only"):
+        run_from_config(cfg, tmp_path / "out")
