@@ -1,0 +1,55 @@
+"""T-GATE speed: measured sampling time, plain vs gated, against the MACs' prediction.
+
+python scripts/bench_tgate.py                        # DiT-XL/2 256px, 10 DDIM steps, g5 sp2 fi2 wu1
+python scripts/bench_tgate.py device=cuda batch_size=8 steps=50 tgate.gate_step=25
+"""
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.outputs import save_json
+from diffusion.run import resolve_device
+from diffusion.solvers import build_solver
+from dit import build_dit
+from tgate.bench import predicted_macs, time_gating
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="../configs", config_name="bench_tgate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    latent = cfg.image_size // 8
+    settings = OmegaConf.to_container(cfg.tgate)
+    with torch.device("meta"):
+        macs = predicted_macs(build_dit(cfg.denoiser, input_size=latent), cfg.image_size, cfg.steps,
+                              cfg.cfg_scale != 1, settings)
+    model = build_dit(cfg.denoiser, input_size=latent).to(device).eval()
+    solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
+    times = time_gating(model, solver, settings, latent_shape=(4, latent, latent), batch_size=cfg.batch_size,
+                        cfg_scale=cfg.cfg_scale, repeats=cfg.repeats, warmup=cfg.warmup, device=device)
+    measured, predicted = times["baseline"] / times["gated"], macs["baseline"] / macs["gated"]
+    threads = torch.get_num_threads()
+    gate = " ".join(f"{k}={v}" for k, v in settings.items())
+    print(f"\n{cfg.denoiser}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, cfg {cfg.cfg_scale}, "
+          f"T-GATE {gate}, {device} ({threads} threads), median of {cfg.repeats}\n"
+          f"| | time (s) | MACs per image (G, all ops) |\n|---|---|---|\n"
+          f"| baseline | {times['baseline']:.2f} | {macs['baseline'] / 1e9:.1f} |\n"
+          f"| T-GATE | {times['gated']:.2f} | {macs['gated'] / 1e9:.1f} |\n"
+          f"measured speed-up {measured:.3f}x, MACs-predicted {predicted:.3f}x, "
+          f"measured / predicted = {measured / predicted:.1%}")
+    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    save_json({"times": times, "macs": macs, "measured_speedup": measured, "predicted_speedup": predicted,
+               "device": str(device), "threads": threads,
+               "config": OmegaConf.to_container(cfg)}, out)
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()

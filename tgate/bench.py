@@ -1,0 +1,60 @@
+"""Timing gated sampling against plain sampling, next to the speed-up the MACs predict."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from diffusion import sample
+from diffusion.seeding import initial_noise, sample_generators
+
+from .counting import count_run
+from .hook import TGateHook
+
+
+def _time_once(model, solver, hooks, latent_shape, batch_size, cfg_scale, null_label, device) -> float:
+    gens = sample_generators(0, range(batch_size), device)
+    noise = initial_noise(gens, latent_shape, device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    sample([model], solver, noise, {"y": y}, {"y": torch.full_like(y, null_label)}, cfg_scale=cfg_scale,
+           hooks=hooks, generators=gens, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, settings: dict) -> dict:
+    """All-ops MACs per image, plain and gated, counted with the real hook on a meta copy."""
+    model_cfg = OmegaConf.create({"image_size": image_size, "name": "bench"})
+    plain = count_run([meta_model], [model_cfg], steps, use_cfg)
+    hook = TGateHook(**settings)
+    hook.attach([meta_model], ["bench"], None)
+    try:
+        gated = count_run([meta_model], [model_cfg], steps, use_cfg, [hook])
+    finally:
+        hook.detach()
+    return {"baseline": plain["macs_all"], "gated": gated["macs_all"]}
+
+
+def time_gating(model, solver, settings: dict, *, latent_shape, batch_size=1, cfg_scale=4.0, null_label=1000,
+                repeats=3, warmup=1, device=torch.device("cpu")) -> dict:
+    """Median sampling time plain and gated, timed alternately so that drift hits both."""
+    hook = TGateHook(**settings)
+    runs = {"baseline": [], "gated": []}
+    args = (latent_shape, batch_size, cfg_scale, null_label, device)
+    for k in range(warmup + repeats):
+        for key in runs:
+            if key == "gated":
+                hook.attach([model], ["bench"], solver)
+            try:
+                seconds = _time_once(model, solver, [hook] if key == "gated" else [], *args)
+            finally:
+                hook.detach()
+            if k >= warmup:
+                runs[key].append(seconds)
+    return {key: statistics.median(times) for key, times in runs.items()} | {"runs": runs}
