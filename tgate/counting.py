@@ -15,8 +15,11 @@ import torch.nn as nn
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.macs import count_macs, count_sampling_macs
 from diffusion.context import SamplingPlan
+from diffusion.macs import count_macs, count_sampling_macs
+from diffusion.run import build_denoiser, build_hooks, model_configs, model_names
+from diffusion.sampler import check_cfg_scale
+from diffusion.solvers import NoiseSchedule, build_solver
 
 from .hook import TGateHook
 
@@ -27,8 +30,7 @@ def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
         if "arch" in model_cfg:
             arch = OmegaConf.to_container(model_cfg.arch, resolve=True)
             return get_class(model_cfg._target_)(**arch).eval()
-        from diffusion.run import build_denoiser  # native models: exactly as sampling builds them
-
+        # native models: exactly as scripts/sample.py builds them
         return build_denoiser(model_cfg, latent_size(model_cfg), pretrained=False, device="meta")
 
 
@@ -93,10 +95,6 @@ def count_run(models: list[nn.Module], model_cfgs: list[DictConfig], num_steps: 
 def count_config(cfg: DictConfig) -> dict:
     """Baseline (`model` alone, no hooks) and accelerated (accel.models + model, accel.hooks)
     MACs for one image, as scripts/sample.py would run `cfg` (composed from configs/macs.yaml)."""
-    from diffusion.run import build_hooks, model_configs, model_names
-    from diffusion.solvers import NoiseSchedule, build_solver
-    from diffusion.sampler import check_cfg_scale
-
     use_cfg = check_cfg_scale(cfg.sampler.cfg_scale) != 1.0
     hooks = build_hooks(cfg)  # bad settings fail here, before any model is built
     solver = build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
@@ -113,20 +111,6 @@ def count_config(cfg: DictConfig) -> dict:
         for hook in hooks:
             hook.detach()
     return {"baseline": baseline, "accelerated": accelerated}
-
-
-def count_tgate(model_cfg: DictConfig, num_steps: int, use_cfg: bool, tgate: dict | None) -> dict:
-    """{"baseline": ..., "accelerated": ...} for one model; tgate: TGateHook settings (None: baseline only)."""
-    model = build_meta_denoiser(model_cfg)
-    result = {"baseline": count_run([model], [model_cfg], num_steps, use_cfg)}
-    if tgate is not None:
-        hook = TGateHook(**tgate)
-        hook.attach([model], [str(model_cfg.name)], None)
-        try:
-            result["accelerated"] = count_run([model], [model_cfg], num_steps, use_cfg, [hook])
-        finally:
-            hook.detach()
-    return result
 
 
 def format_table(cfg: DictConfig, result: dict) -> str:
