@@ -54,6 +54,18 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
     return grid
 
 
+def rows_by_label(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Lay out one row per class (ascending), each row that class's samples in index order.
+
+    Returns (cells, ncols) for image_grid: cells (rows * ncols, H, W, 3), short rows padded black.
+    """
+    classes = np.unique(labels)
+    rows = [images[labels == c] for c in classes]
+    ncols = max(len(r) for r in rows)
+    blank = np.zeros((ncols, *images.shape[1:]), dtype=images.dtype)
+    return np.concatenate([np.concatenate([r, blank[len(r):]]) for r in rows]), ncols
+
+
 def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None) -> Path:
     return atomic_write_bytes(path, _png_bytes(image_grid(images, ncols)))
 

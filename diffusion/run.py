@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .generate import check_counts, generate
 from .context import SamplingPlan
 from .macs import count_macs, count_sampling_macs
-from .outputs import save_grid, save_json, save_npz
+from .outputs import rows_by_label, save_grid, save_json, save_npz
 from .sampler import check_cfg_scale
 from .seeding import class_labels
 from .solvers import NoiseSchedule, build_solver, check_solver_args
@@ -178,7 +178,11 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     finally:
         for hook in hooks:
             hook.detach()
-    save_grid(result.images, out_dir / "grid.png")
+    if cfg.get("grid_by_label", False):
+        cells, ncols = rows_by_label(result.images, result.labels)
+        save_grid(cells, out_dir / "grid.png", ncols)
+    else:
+        save_grid(result.images, out_dir / "grid.png")
     save_npz(result.images, result.labels, out_dir / "samples.npz")
     metrics = {
         "sampling_seconds": result.sampling_seconds,

@@ -170,6 +170,7 @@ def build_dit(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     pretrained: bool = False,
+    arch: dict | None = None,
 ) -> DiT:
     """Build `name` (e.g. "DiT-XL/2") and load `ckpt`; returns the model in eval mode.
 
@@ -179,7 +180,13 @@ def build_dit(
     for (name, input_size) and fails if there is none. An explicit ckpt is always loaded.
     name=None is allowed only with a diffusers folder: the architecture then comes
     from its config.json (the other size arguments are ignored).
+    arch: a custom architecture (keys depth, hidden_size, num_heads, patch_size, optional
+    mlp_ratio) instead of an official one; `name` is then only a display name (e.g. the
+    digits models), and pretrained=True needs an explicit ckpt (no release exists).
     """
+    if arch is not None:
+        return _build_custom(name, dict(arch), input_size, num_classes, learn_sigma, ckpt,
+                             class_dropout_prob, in_channels, cache_dir, device, pretrained)
     if name is not None and name not in DiT_models:
         raise ValueError(f"unknown DiT model {name!r}; allowed names: {', '.join(DiT_models)}")
     if ckpt is None and pretrained:
@@ -211,6 +218,30 @@ def build_dit(
             in_channels=in_channels,
         )
     if path is not None:
+        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+ARCH_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+
+
+def _build_custom(name, arch, input_size, num_classes, learn_sigma, ckpt, class_dropout_prob,
+                  in_channels, cache_dir, device, pretrained) -> DiT:
+    """build_dit with an explicit architecture; same checkpoint handling as the official names."""
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    unknown = sorted(set(arch) - set(ARCH_KEYS) - {"mlp_ratio"})
+    if missing or unknown:
+        raise ValueError(f"model {name!r}: arch needs {', '.join(ARCH_KEYS)} (and optionally mlp_ratio); "
+                         f"missing {missing}, unknown {unknown}")
+    if ckpt is None and pretrained:
+        raise ValueError(f"model {name!r} has a custom architecture and no official checkpoint: "
+                         "pass ckpt= (e.g. a scripts/train.py checkpoint) or pretrained=False")
+    model = DiT(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma,
+                class_dropout_prob=class_dropout_prob, in_channels=in_channels, **arch)
+    if ckpt is not None:
+        path = resolve_checkpoint(ckpt, cache_dir)
         load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
     if device is not None:
         model = model.to(device)

@@ -1,0 +1,115 @@
+"""The digits quality measure: classifier agreement and a pixel-space Fréchet distance.
+
+Both are fixed, so numbers compare between runs and machines:
+
+* Features: the 64 pixel intensities of an 8x8 digit on the data set's own 0..16 scale,
+  read back from the uint8 images a run writes (intensity = value x 16/255; larger images,
+  upsampled by a whole factor, are average-pooled back to 8x8; grey RGB uses channel 0).
+  Real digits go through the same uint8 quantisation as samples.
+* Classifier agreement: scikit-learn's own example classifier for this data set (the
+  "Recognizing hand-written digits" example: `svm.SVC(gamma=0.001)`, an RBF support-vector
+  machine on the 64 intensities), fitted (deterministically, libsvm) on all 1,797 real
+  digits of `load_digits`. It never sees a generated sample or anything from the generator:
+  it is fitted from the real data alone, with settings fixed by scikit-learn's example, the
+  same for every run, so it cannot be tuned to (or co-trained with) the models it judges. Accuracy = share of samples whose predicted
+  class is the class they were generated for. A second, training-free opinion: a 5-nearest-
+  neighbour vote among the real digits (`knn_accuracy`).
+* Fréchet distance: between Gaussians fitted to the features of the samples and of all
+  1,797 real digits (FID's formula in this 64-d space). It depends on the sample count N
+  (small N inflates it), so each result also carries `frechet_real_floor`: the same distance
+  for N real digits drawn without replacement (seed 0), the value a perfect generator would get.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from diffusion.data import digits_arrays, digits_to_unit_range
+from evaluation.frechet import frechet_distance, gaussian_stats
+
+NUM_CLASSES = 10
+
+
+def real_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 real digits as a run would write them: (N, 8, 8) uint8 = clamp(127.5 x + 128), labels (N,)."""
+    images, labels = digits_arrays()
+    x = digits_to_unit_range(images)
+    return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8), labels
+
+
+def digits_features(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W) or (N, H, W, C), H = W = 8k -> (N, 64) float64 intensities on 0..16."""
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[..., 0]  # grey written as RGB: the channels are equal
+    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.shape[1] % 8:
+        raise ValueError(f"expected (N, 8k, 8k[, C]) digit images, got shape {images.shape}")
+    k = images.shape[1] // 8
+    x = images.astype(np.float64).reshape(len(images), 8, k, 8, k).mean(axis=(2, 4))  # (N, 8, 8)
+    return x.reshape(len(images), 64) * (16.0 / 255.0)
+
+
+def _classifier():
+    """scikit-learn's own example classifier for this data set ("Recognizing hand-written digits")."""
+    from sklearn.svm import SVC
+
+    return SVC(gamma=0.001)
+
+
+class DigitsQuality:
+    """Fitted once on the real digits; call it on (images, labels) of a run."""
+
+    def __init__(self):
+        from sklearn.neighbors import KNeighborsClassifier
+
+        images, labels = real_digits_uint8()
+        self.real_features = digits_features(images)                  # (1797, 64)
+        self.real_labels = labels
+        self.classifier = _classifier().fit(self.real_features, labels)
+        self.knn = KNeighborsClassifier(n_neighbors=5).fit(self.real_features, labels)
+        self.real_mu, self.real_cov = gaussian_stats(self.real_features)
+
+    def frechet(self, features: np.ndarray) -> float:
+        return frechet_distance(*gaussian_stats(features), self.real_mu, self.real_cov)
+
+    def real_floor(self, n: int, seed: int = 0) -> float:
+        """Fréchet distance of n real digits (without replacement while n <= 1797) to all of them."""
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(self.real_features), size=n, replace=n > len(self.real_features))
+        return self.frechet(self.real_features[pick])
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        features = digits_features(images)
+        labels = np.asarray(labels).astype(np.int64)
+        if len(features) != len(labels):
+            raise ValueError(f"{len(features)} images but {len(labels)} labels")
+        predicted = self.classifier.predict(features)
+        correct = predicted == labels
+        per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
+        return {
+            "accuracy": float(correct.mean()),
+            "knn_accuracy": float((self.knn.predict(features) == labels).mean()),
+            "frechet": self.frechet(features),
+            "frechet_real_floor": self.real_floor(len(features)),
+            "num_images": int(len(features)),
+            "per_class_accuracy": per_class,
+        }
+
+
+@lru_cache(maxsize=1)
+def _quality() -> DigitsQuality:
+    return DigitsQuality()
+
+
+def evaluate_digits(images: np.ndarray, labels: np.ndarray) -> dict:
+    """The measure with the shared, fitted-once classifier (about a second the first time)."""
+    return _quality()(images, labels)
+
+
+def classifier_cv_accuracy(folds: int = 5) -> float:
+    """The classifier's own accuracy on real digits it has not seen (stratified k-fold): the ceiling for samples."""
+    from sklearn.model_selection import cross_val_score
+
+    images, labels = real_digits_uint8()
+    return float(cross_val_score(_classifier(), digits_features(images), labels, cv=folds).mean())
