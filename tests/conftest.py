@@ -1,4 +1,5 @@
 """Shared fixtures: tiny saved models in the real file layouts, and composed Hydra configs."""
+import os
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,39 @@ def compose_sample():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tgate_reference(tmp_path_factory):
+    """The reference `tgate` 1.0.0 package from PyPI, importable as `tgate_reference`.
+
+    It cannot be pip-installed beside ours (both are called `tgate`), so its wheel is
+    downloaded from the package registry once (cached under ~/.cache/diffusion-accel)
+    and unpacked under another name. Set TGATE_REFERENCE_WHEEL to use a local wheel.
+    """
+    import importlib
+    import subprocess
+    import sys
+    import zipfile
+
+    wheel = os.environ.get("TGATE_REFERENCE_WHEEL")
+    if not wheel:
+        cache = Path.home() / ".cache" / "diffusion-accel"
+        found = sorted(cache.glob("tgate-1.0.0-*.whl"))
+        if not found:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "tgate==1.0.0", "--no-deps",
+                                   "-d", str(cache)], capture_output=True, text=True)
+            found = sorted(cache.glob("tgate-1.0.0-*.whl"))
+            if not found:
+                pytest.fail(f"could not download the reference tgate==1.0.0 wheel from the package registry "
+                            f"(set TGATE_REFERENCE_WHEEL to a local copy): {proc.stderr[-1000:]}")
+        wheel = found[0]
+    root = tmp_path_factory.mktemp("tgate_reference")
+    with zipfile.ZipFile(wheel) as archive:
+        for member in archive.namelist():
+            if member.startswith("tgate/"):
+                target = root / "tgate_reference" / member[len("tgate/"):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("tgate_reference")

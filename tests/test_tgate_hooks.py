@@ -1,5 +1,5 @@
 """apply_tgate / remove_tgate on native DiT and diffusers models; the sampler-level hook."""
-import os
+import importlib
 
 import pytest
 import torch
@@ -208,16 +208,11 @@ def test_with_tstitch_a_model_without_a_cache_computes_then_reuses():
     assert qkv_steps["large"] == [7, 9]
 
 
-@pytest.mark.skipif(not os.environ.get("TGATE_REFERENCE"),
-                    reason="set TGATE_REFERENCE to tgate 1.0.0's tgate_utils.py (pip download tgate==1.0.0)")
-def test_parity_with_the_reference_tgate_package_on_a_tiny_unet():
+def test_parity_with_the_reference_tgate_package_on_a_tiny_unet(tgate_reference):
     """Our hooks vs tgate 1.0.0's own processor and scheduler, step by step, on one UNet."""
     import copy
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tgate_reference_utils", os.environ["TGATE_REFERENCE"])
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = importlib.import_module("tgate_reference.tgate_utils")
     from diffusers.models.attention_processor import AttnProcessor2_0
     from tgate_tiny import unet
 
