@@ -28,7 +28,7 @@ from .data import StepBatchSampler
 from .ema import ema_decay_at, make_ema, update_ema
 from .losses import DiffusionLoss
 from .outputs import save_json
-from .run import build_denoiser, call_target, resolve_device
+from .run import build_denoiser, call_target, cpu_threads, resolve_device
 from .solvers import NoiseSchedule
 from .vae import load_first_stage
 
@@ -82,13 +82,16 @@ class Encoder:
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run cfg.steps optimisation steps in total (counting resumed ones); returns a summary also
-    written to <out_dir>/train_metrics.json."""
+    written to <out_dir>/train_metrics.json. num_threads: small models on a busy CPU train ~20x
+    faster (measured here) on one thread than on two fighting another process for a core."""
+    with cpu_threads(cfg.get("num_threads")):
+        return _train(cfg, out_dir)
+
+
+def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
     check_train_config(cfg)
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
-    if cfg.get("num_threads"):
-        # small models on a busy CPU: one thread avoids oversubscription (20x faster measured here)
-        torch.set_num_threads(int(cfg.num_threads))
     dataset = call_target(cfg.data)
     image_size = int(cfg.model.image_size)
     if dataset.image_size != image_size:
