@@ -12,7 +12,6 @@ Models are built through their config's `_target_` (as diffusion.run does): no m
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -174,5 +173,5 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
                "loss_history": history}
     save_json(summary, out_dir / "train_metrics.json")
     log.info("done: %d steps in %.1f s; last logged loss %s", final - start, seconds,
-             json.dumps(history[-1][1]) if history else "n/a")
+             f"{history[-1][1]:.4f}" if history else "n/a")
     return summary

@@ -27,10 +27,12 @@ def load_jobs(folder: Path) -> dict[float, dict]:
     for job in sorted(p.parent for p in folder.glob("*/metrics.json")):
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         ratio = float(cfg.accel.tstitch.ratio)
+        # run order (small first); metrics.json's steps_per_model is key-sorted
+        models = [str(m.name) for m in (cfg.accel.get("models") or {}).values()] + [str(cfg.model.name)]
         metrics = json.loads((job / "metrics.json").read_text())
         quality = json.loads((job / "eval.json").read_text()) if (job / "eval.json").is_file() else evaluate_run(job)
         jobs[ratio] = {**quality, "seconds": metrics["sampling_seconds"], "num_images": metrics["num_images"],
-                       "steps_per_model": metrics["steps_per_model"], "steps": metrics["steps"]}
+                       "steps_per_model": {m: metrics["steps_per_model"][m] for m in models}, "steps": metrics["steps"]}
     return jobs
 
 

@@ -101,9 +101,10 @@ def test_figures_script_plots_a_sweep(tmp_path, capsys):
             for job, ratio in (("0", 0.0), ("1", 0.5)):
                 folder = tmp_path / sweep / job
                 (folder / ".hydra").mkdir(parents=True)
-                (folder / ".hydra" / "config.yaml").write_text(f"accel:\n  tstitch:\n    ratio: {ratio}\n")
+                (folder / ".hydra" / "config.yaml").write_text(
+                    f"model:\n  name: L\naccel:\n  models:\n    small:\n      name: S\n  tstitch:\n    ratio: {ratio}\n")
                 metrics = {"sampling_seconds": slow * (2.0 - ratio), "num_images": 20, "steps": 10,
-                           "steps_per_model": {"S": int(10 * ratio), "L": 10 - int(10 * ratio)}}
+                           "steps_per_model": {"L": 10 - int(10 * ratio), "S": int(10 * ratio)}}  # key-sorted
                 (folder / "metrics.json").write_text(json.dumps(metrics))
                 save_npz(images, labels, folder / "samples.npz")
         assert figures.main([str(tmp_path / "a"), str(tmp_path / "b"), "--table", str(tmp_path / "t.md")]) == 0
@@ -111,5 +112,5 @@ def test_figures_script_plots_a_sweep(tmp_path, capsys):
         sys.path.remove(str(scripts))
     assert (tmp_path / "a" / "tstitch_digits.png").stat().st_size > 1000
     table = (tmp_path / "t.md").read_text()
-    assert "| 0.0 | 0 / 10 |" in table and "| 0.5 | 5 / 5 |" in table
+    assert "| 0.0 | 0 / 10 |" in table and "| 0.5 | 5 / 5 |" in table  # small first, as they run
     assert "| 1.50 | 1.33x |" in table  # fastest repeat (b): 1.0 * 1.5 s, vs 2.0 s at fraction 0
