@@ -2,30 +2,19 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from omegaconf import OmegaConf
 
-from diffusion import sample
-from diffusion.seeding import initial_noise, sample_generators
+from diffusion.timing import time_sampling
 
 from .counting import count_run
 from .hook import TGateHook
 
 
 def _time_once(model, solver, hooks, latent_shape, batch_size, cfg_scale, null_label, device) -> float:
-    gens = sample_generators(0, range(batch_size), device)
-    noise = initial_noise(gens, latent_shape, device)
-    y = torch.zeros(batch_size, dtype=torch.long, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    sample([model], solver, noise, {"y": y}, {"y": torch.full_like(y, null_label)}, cfg_scale=cfg_scale,
-           hooks=hooks, generators=gens, progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time_sampling([model], solver, hooks, latent_shape=latent_shape, batch_size=batch_size,
+                         cfg_scale=cfg_scale, null_label=null_label, device=device)
 
 
 def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, settings: dict) -> dict:

@@ -2,29 +2,18 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from diffusion import sample
-from diffusion.seeding import initial_noise, sample_generators
+from diffusion.timing import time_sampling
 
 from .hook import TStitchHook
 from .schedule import steps_per_model
 
 
 def _time_once(models, solver, ratio, latent_shape, batch_size, cfg_scale, null_label, device) -> float:
-    gens = sample_generators(0, range(batch_size), device)
-    noise = initial_noise(gens, latent_shape, device)
-    y = torch.zeros(batch_size, dtype=torch.long, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    sample(models, solver, noise, {"y": y}, {"y": torch.full_like(y, null_label)}, cfg_scale=cfg_scale,
-           hooks=[TStitchHook(ratio=ratio)], generators=gens, progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time_sampling(models, solver, [TStitchHook(ratio=ratio)], latent_shape=latent_shape,
+                         batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, device=device)
 
 
 def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg_scale=1.5, null_label=1000,
