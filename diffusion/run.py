@@ -93,22 +93,25 @@ def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, dev
     return call_target(build_cfg, input_size=input_size, pretrained=pretrained).to(device).eval()
 
 
-def denoiser_macs(model_cfg: DictConfig, latent_shape: tuple[int, int, int]) -> dict[str, int]:
-    """MACs of one forward at batch 1, counted on a `meta` copy (no weights, no memory)."""
-    with torch.device("meta"):
-        model = build_denoiser(model_cfg, latent_shape[-1], pretrained=False, device="meta")
-        x, t, y = torch.zeros(1, *latent_shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
-        return count_macs(lambda: model(x, t, **{model_cfg.get("cond_key", "y"): y}))
+def _forward_macs(model, cond_key: str, latent_shape: tuple[int, int, int], rows: int) -> dict[str, int]:
+    """MACs of one forward of a `meta` model at `rows` batch rows."""
+    x, t = torch.zeros(rows, *latent_shape, device="meta"), torch.zeros(rows, device="meta")
+    y = torch.zeros(rows, dtype=torch.long, device="meta")
+    return count_macs(lambda: model(x, t, **{cond_key: y}))
 
 
-def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int], solver) -> int:
-    """Denoiser MACs (all ops) for one image over the whole run, CFG rows included.
+def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int], solver) -> tuple[list[int], int]:
+    """Denoiser MACs (all ops): one plain forward at batch 1 per model, and one image over
+    the whole run, CFG rows included.
 
-    Counted on `meta` copies with a fresh set of the run's hooks, so hooks that skip work
-    inside a model (T-GATE's attention reuse) are counted as they act, not estimated.
+    Counted on `meta` copies (built once, no weights, no memory) with a fresh set of the
+    run's hooks, so hooks that skip work inside a model (T-GATE's attention reuse) are
+    counted as they act, not estimated.
     """
     with torch.device("meta"):
         models = [build_denoiser(c, latent_shape[-1], pretrained=False, device="meta") for c in configs]
+    keys = [c.get("cond_key", "y") for c in configs]
+    per_forward = [_forward_macs(m, k, latent_shape, 1)["macs_all"] for m, k in zip(models, keys)]  # before hooks
     hooks = build_hooks(cfg)
     for hook in hooks:
         hook.attach(models, names, solver)
@@ -116,13 +119,10 @@ def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int]
     plan = SamplingPlan(solver.num_steps, len(models), 1, scale, scale != 1.0, tuple(range(solver.num_steps)))
 
     def count_step(ctx, rows: int) -> dict[str, int]:
-        model, key = models[ctx.model_index], configs[ctx.model_index].get("cond_key", "y")
-        x, t = torch.zeros(rows, *latent_shape, device="meta"), torch.zeros(rows, device="meta")
-        y = torch.zeros(rows, dtype=torch.long, device="meta")
-        return count_macs(lambda: model(x, t, **{key: y}))
+        return _forward_macs(models[ctx.model_index], keys[ctx.model_index], latent_shape, rows)
 
     try:
-        return count_sampling_macs(count_step, plan, hooks)["macs_all"]
+        return per_forward, count_sampling_macs(count_step, plan, hooks)["macs_all"]
     finally:
         for hook in hooks:
             hook.detach()
@@ -183,7 +183,7 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     )
     for hook in hooks:
         hook.attach(models, names, solver)
-    macs = [denoiser_macs(c, latent_shape) for c in configs]
+    macs_per_forward, macs_per_image = run_macs(cfg, configs, names, latent_shape, solver)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,8 +214,8 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
         "steps": solver.num_steps,
         "steps_per_model": dict(zip(names, result.steps_per_model)),
         # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted (CFG rows included)
-        "macs_per_forward": dict(zip(names, (m["macs_all"] for m in macs))),
-        "macs_per_image": run_macs(cfg, configs, names, latent_shape, solver),
+        "macs_per_forward": dict(zip(names, macs_per_forward)),
+        "macs_per_image": macs_per_image,
         "sampler": cfg.sampler.name,
         "cfg_scale": float(cfg.sampler.cfg_scale),
         "accel": cfg.accel.name,
