@@ -31,6 +31,9 @@ class StepContext:
     guidance: bool = True  # run both CFG branches; False: one branch at batch B
     branch: str = "cond"  # the branch that runs when guidance is off: "cond" or "uncond"
     attention: dict = field(default_factory=dict)  # per-step attention decisions (T-GATE)
+    # feature caches (DeepCache) must recompute everything this step: set by a hook whose step
+    # changes what a forward computes (T-GATE at gate_step - 1 and gate_step, as tgate's DeepCache loaders)
+    refresh_features: bool = False
 
 
 class Hook:

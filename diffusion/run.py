@@ -72,7 +72,8 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
                              "scripts/sample.py samples class-conditional models (DiT) for now")
     check_counts(cfg.num_samples, cfg.batch_size)
     check_cfg_scale(cfg.sampler.cfg_scale)
-    check_solver_args(cfg.sampler.name, cfg.sampler.steps, cfg.sampler.get("eta", 0.0), cfg.sampler.get("spacing"))
+    check_solver_args(cfg.sampler.name, cfg.sampler.steps, cfg.sampler.get("eta", 0.0), cfg.sampler.get("spacing"),
+                      cfg.schedule.num_train_timesteps)
     labels = cfg.labels if cfg.labels is None else list(cfg.labels)
     return class_labels(cfg.seed, cfg.num_samples, cfg.model.num_classes, labels)
 

@@ -19,6 +19,9 @@ from .respace import respaced_betas, space_timesteps
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
 # ddpm/ddim follow ADM: "adm" = space_timesteps(T, "N"), "ddim" = space_timesteps(T, "ddimN").
 RESPACED_SPACINGS = ("adm", "ddim")
+# ddim only: "ldm" = CompVis DDIMSampler's uniform discretisation (range(0, T, T // N) + 1, the
+# last step lands on alphas_cumprod[0]); what LDM and the T-Stitch U-Net numbers use.
+LDM_SPACING = "ldm"
 # dpmpp_2m/euler use diffusers' own spacing of the training steps.
 DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -70,7 +73,8 @@ class Solver:
         return float(self.scheduler.init_noise_sigma)
 
 
-def check_solver_args(name: str, steps, eta: float = 0.0, spacing: str | None = None) -> None:
+def check_solver_args(name: str, steps, eta: float = 0.0, spacing: str | None = None,
+                      num_train_timesteps: int = 1000) -> None:
     """Raise ValueError on a bad sampler setting, before any model is built."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
@@ -78,9 +82,13 @@ def check_solver_args(name: str, steps, eta: float = 0.0, spacing: str | None = 
         raise ValueError(f"sampler.steps={steps!r}: must be an integer >= 1")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"sampler.eta={eta!r}: must be a finite number >= 0")
-    allowed = RESPACED_SPACINGS if name in ("ddpm", "ddim") else DIFFUSERS_SPACINGS
+    allowed = {"ddpm": RESPACED_SPACINGS, "ddim": RESPACED_SPACINGS + (LDM_SPACING,)}.get(name, DIFFUSERS_SPACINGS)
     if spacing is not None and spacing not in allowed:
         raise ValueError(f"sampler.spacing={spacing!r} for {name}: allowed {', '.join(allowed)}")
+    if spacing == LDM_SPACING and num_train_timesteps % steps:
+        # CompVis takes range(0, T, T // N), which is not N steps then; refuse rather than differ
+        raise ValueError(f"sampler.spacing=ldm needs sampler.steps dividing {num_train_timesteps} (CompVis's "
+                         f"uniform DDIM discretisation); got steps={steps}")
 
 
 def build_solver(
@@ -98,8 +106,14 @@ def build_solver(
     samples with ADM's learned-range variance; other solvers use eps only. Without it
     DDPM uses the fixed-large variance DiT's `create_diffusion` picks for such models.
     """
-    check_solver_args(name, steps, eta, spacing)
     T = schedule.num_train_timesteps
+    check_solver_args(name, steps, eta, spacing, T)
+    if name == "ddim" and spacing == LDM_SPACING:
+        # an even stride with offset 1 over the full chain: diffusers' DDIM steps it exactly
+        # (prev = t - T // N; the last step's alpha_prev is alphas_cumprod[0], set_alpha_to_one=False)
+        scheduler = DDIMScheduler(num_train_timesteps=T, trained_betas=schedule.betas().tolist(), clip_sample=False,
+                                  timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+        return Solver(name, scheduler, steps, False, None, {"eta": float(eta)})
     if name in ("ddpm", "ddim"):
         spacing = spacing or "adm"
         kept = space_timesteps(T, f"ddim{steps}" if spacing == "ddim" else str(steps))

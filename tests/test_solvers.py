@@ -117,3 +117,42 @@ def test_bad_solver_settings_are_refused():
         build_solver("ddim", 10, eta=-1.0)
     with pytest.raises(ValueError, match="spacing='trailing' for ddpm: allowed adm, ddim"):
         build_solver("ddpm", 10, spacing="trailing")
+
+
+class CompVisDDIM:
+    """Our reading of CompVis's DDIMSampler (uniform discretisation, float64) on the LDM schedule."""
+
+    def __init__(self, steps, T=1000, start=0.0015, end=0.0195):
+        acp = np.cumprod(1 - np.linspace(start**0.5, end**0.5, T) ** 2)
+        self.timesteps = np.arange(0, T, T // steps) + 1                         # 1, 1 + T/N, ...
+        self.a = acp[self.timesteps]
+        self.a_prev = np.append(acp[0], acp[self.timesteps[:-1]])
+
+    def step(self, x, eps, index, noise, eta):
+        """index counts from the last (least noisy) step, as CompVis's `index` does."""
+        a, a_prev = self.a[index], self.a_prev[index]
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        return np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("index", [0, 1, 7, 19])
+def test_ddim_ldm_spacing_matches_compvis(eta, index):
+    torch.manual_seed(index)
+    x, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    ldm = NoiseSchedule(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear")
+    solver = build_solver("ddim", 20, ldm, eta=eta, spacing="ldm")
+    got, model_steps = _one_step(solver, x, eps, index)
+    ref = CompVisDDIM(20)
+    assert model_steps.tolist() == ref.timesteps[::-1].tolist()   # 951, 901, ..., 1: the model sees t + 1
+    noise = initial_noise(sample_generators(0, range(2), "cpu"), (4, 3, 3), "cpu")
+    want = ref.step(x.double().numpy(), eps.double().numpy(), index, noise.double().numpy(), eta)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=2e-5)
+
+
+def test_ldm_spacing_refuses_steps_that_do_not_divide_the_chain():
+    with pytest.raises(ValueError, match="steps dividing 1000.*steps=300"):
+        build_solver("ddim", 300, spacing="ldm")
+    with pytest.raises(ValueError, match="spacing='ldm' for ddpm"):
+        build_solver("ddpm", 10, spacing="ldm")

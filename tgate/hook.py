@@ -43,6 +43,9 @@ class TGateHook(Hook):
     def step(self, ctx: StepContext) -> None:
         actions = self.state.step(ctx.i)
         ctx.attention["tgate"] = actions
+        g = self.config.gate_step
+        if ctx.i in (g - 1, g):  # caches of other techniques restart here (reference: DeepCache reset)
+            ctx.refresh_features = True
         if ctx.guidance and not actions.guidance:
             ctx.guidance = False  # from the gate step on: one branch at batch B
             ctx.branch = self.config.branch
