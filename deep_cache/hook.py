@@ -165,11 +165,11 @@ class DeepCacheHook(Hook):
 
 
 def apply_deep_cache(unet: nn.Module, owner: DeepCacheHook) -> UNetFeatureCache:
-    registry = HookRegistry.check_if_exists_or_initialize(unet)
-    if registry.get_hook(HOOK_NAME) is not None:
+    existing = getattr(unet, "_diffusers_hook", None)
+    if existing is not None and existing.get_hook(HOOK_NAME) is not None:
         raise ValueError(f"deep_cache is already applied to this {type(unet).__name__}")
-    cache = UNetFeatureCache(owner, unet)
-    registry.register_hook(cache, HOOK_NAME)
+    cache = UNetFeatureCache(owner, unet)  # checks the settings against this U-Net first
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(cache, HOOK_NAME)
     return cache
 
 

@@ -22,3 +22,28 @@ def time_sampling(models, solver, hooks, *, latent_shape, batch_size, cfg_scale,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def time_with_and_without(models, solver, hook, *, latent_shape, batch_size=1, cfg_scale=4.0, null_label=1000,
+                          repeats=3, warmup=1, device=torch.device("cpu")) -> dict:
+    """Median sampling time without and with `hook` (attached to `models` only for its runs),
+    timed alternately so that drift on a noisy machine hits both. Returns
+    {"baseline": s, "hooked": s, "runs": {...}}."""
+    import statistics
+
+    runs = {"baseline": [], "hooked": []}
+    names = [f"model{k}" for k in range(len(models))]
+    for k in range(warmup + repeats):
+        for key in runs:
+            if key == "hooked":
+                hook.attach(models, names, solver)
+            try:
+                seconds = time_sampling(models, solver, [hook] if key == "hooked" else [], latent_shape=latent_shape,
+                                        batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label,
+                                        device=device)
+            finally:
+                if key == "hooked":
+                    hook.detach()
+            if k >= warmup:
+                runs[key].append(seconds)
+    return {key: statistics.median(times) for key, times in runs.items()} | {"runs": runs}

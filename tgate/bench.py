@@ -1,20 +1,13 @@
 """Timing gated sampling against plain sampling, next to the speed-up the MACs predict."""
 from __future__ import annotations
 
-import statistics
-
 import torch
 from omegaconf import OmegaConf
 
-from diffusion.timing import time_sampling
+from diffusion.timing import time_with_and_without
 
 from .counting import count_run
 from .hook import TGateHook
-
-
-def _time_once(model, solver, hooks, latent_shape, batch_size, cfg_scale, null_label, device) -> float:
-    return time_sampling([model], solver, hooks, latent_shape=latent_shape, batch_size=batch_size,
-                         cfg_scale=cfg_scale, null_label=null_label, device=device)
 
 
 def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, settings: dict) -> dict:
@@ -33,17 +26,8 @@ def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, setti
 def time_gating(model, solver, settings: dict, *, latent_shape, batch_size=1, cfg_scale=4.0, null_label=1000,
                 repeats=3, warmup=1, device=torch.device("cpu")) -> dict:
     """Median sampling time plain and gated, timed alternately so that drift hits both."""
-    hook = TGateHook(**settings)
-    runs = {"baseline": [], "gated": []}
-    args = (latent_shape, batch_size, cfg_scale, null_label, device)
-    for k in range(warmup + repeats):
-        for key in runs:
-            if key == "gated":
-                hook.attach([model], ["bench"], solver)
-            try:
-                seconds = _time_once(model, solver, [hook] if key == "gated" else [], *args)
-            finally:
-                hook.detach()
-            if k >= warmup:
-                runs[key].append(seconds)
-    return {key: statistics.median(times) for key, times in runs.items()} | {"runs": runs}
+    times = time_with_and_without([model], solver, TGateHook(**settings), latent_shape=latent_shape,
+                                  batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, repeats=repeats,
+                                  warmup=warmup, device=device)
+    return {"baseline": times["baseline"], "gated": times["hooked"],
+            "runs": {"baseline": times["runs"]["baseline"], "gated": times["runs"]["hooked"]}}
