@@ -28,7 +28,7 @@ from .vae import load_first_stage
 log = logging.getLogger(__name__)
 
 # keys of a model config that describe how to sample it, not how to build it
-SAMPLING_KEYS = ("image_size", "guided_channels", "cond_key")
+SAMPLING_KEYS = ("image_size", "guided_channels", "cond_key", "latent_factor")
 
 
 def call_target(node, **extra):
@@ -162,7 +162,10 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     # random weights (pretrained=false) are drawn from the seed, so such runs repeat too
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        stage = load_first_stage(cfg.vae, pretrained=cfg.pretrained, device=device)
+        if cfg.vae.get("_target_"):  # e.g. vae=vq_f8: an LDM's own first stage, from its checkpoint
+            stage = call_target(cfg.vae, pretrained=cfg.pretrained, device=device)
+        else:
+            stage = load_first_stage(cfg.vae, pretrained=cfg.pretrained, device=device)
         if image_size % stage.factor:
             raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
         latent_size = image_size // stage.factor

@@ -1,4 +1,5 @@
-"""Class-conditional LDMs from Hydra model configs (configs/model/ldm_*.yaml).
+"""Class-conditional LDMs and their first stages from Hydra configs (configs/model/ldm_*.yaml,
+configs/vae/vq_*.yaml).
 
 A model config carries the CompVis yaml's `unet_config.params` (`unet`) and
 `cond_stage_config` (`cond_stage`) inline, so random-weight runs need no file; a
@@ -8,8 +9,15 @@ from __future__ import annotations
 
 import os
 
-from .compvis import build_class_conditional_ldm, load_compvis_state_dict, read_compvis_config
+from diffusion.vae import FirstStage
+
+from .compvis import (
+    FIRST_STAGE_PREFIX, build_class_conditional_ldm, load_compvis_state_dict, read_compvis_config, split_prefix,
+)
 from .conditioning import ClassConditionalLDM
+from .first_stage import (
+    first_stage_from_diffusers_model, first_stage_kwargs, ldm_scale_factor, load_first_stage_from_compvis,
+)
 
 # where the public CompVis checkpoints live (downloads are left to the user: they are large)
 KNOWN_CHECKPOINTS = {
@@ -61,3 +69,35 @@ def build_ldm(
         raise ValueError(f"model.num_classes={num_classes}, but the class embedder has {model.num_classes} classes "
                          f"and a null class ({model.num_classes + 1} rows)")
     return model
+
+
+def load_first_stage(
+    config: dict | None = None,
+    scale_factor: float = 1.0,
+    ckpt: str | os.PathLike | None = None,
+    compvis_config: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    device="cpu",
+) -> FirstStage:
+    """The run's first stage (latents -> uint8 images) from an LDM checkpoint's `first_stage_model.*`.
+
+    config: CompVis `first_stage_config` ({target, params}); scale_factor: CompVis's latent scale.
+    compvis_config (a CompVis yaml) replaces both. pretrained=False: random weights, ckpt ignored.
+    """
+    params = read_compvis_config(compvis_config) if compvis_config else None
+    if params is not None:
+        config = params["first_stage_config"]
+    if config is None:
+        raise ValueError("the LDM first stage needs `config` (CompVis first_stage_config) or `compvis_config`")
+    if not pretrained:
+        cls, kwargs = first_stage_kwargs(config, scale_factor=scale_factor)
+        return first_stage_from_diffusers_model(cls(**kwargs).eval().to(device), scale_factor)
+    if ckpt is None:
+        raise ValueError("vae: the LDM first stage is read from model.ckpt (first_stage_model.* of the CompVis "
+                         "checkpoint); set model.ckpt, or pretrained=false for random weights")
+    state = load_compvis_state_dict(ckpt)
+    if params is not None:
+        scale_factor = ldm_scale_factor(params, state)
+    weights = split_prefix(state, FIRST_STAGE_PREFIX, str(ckpt))
+    model = load_first_stage_from_compvis(weights, config, scale_factor=scale_factor)
+    return first_stage_from_diffusers_model(model.to(device), scale_factor)
