@@ -1,0 +1,1 @@
+"""Native LDM (CompVis latent-diffusion): U-Net and first-stage loading."""
