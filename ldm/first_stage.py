@@ -24,8 +24,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 
 from diffusion.vae import FirstStage
-from ldm.first_stage_convert import (compvis_to_diffusers_first_stage,
-                                     diffusers_key_to_compvis)
+from ldm.first_stage_convert import compvis_to_diffusers_first_stage, diffusers_key_to_compvis, select_first_stage
 
 VQ_TARGETS = ("ldm.models.autoencoder.VQModelInterface", "ldm.models.autoencoder.VQModel")
 KL_TARGETS = ("ldm.models.autoencoder.AutoencoderKL",)
@@ -232,6 +231,17 @@ def load_first_stage_from_compvis(state_dict: Mapping[str, torch.Tensor], first_
     return model.eval()
 
 
+def load_first_stage_from_ldm(checkpoint_state_dict: Mapping[str, torch.Tensor],
+                              ldm_params: Mapping) -> VQModel | AutoencoderKL:
+    """The first stage of a whole CompVis LDM checkpoint: its `first_stage_model.*` weights, the yaml's
+    `model.params.first_stage_config`, and the latent scale (`ldm_scale_factor`) as config.scaling_factor."""
+    params = _plain(ldm_params)
+    if not isinstance(params, Mapping) or "first_stage_config" not in params:
+        raise ValueError("ldm_params must be `model.params` of a CompVis LDM yaml, with a first_stage_config")
+    return load_first_stage_from_compvis(select_first_stage(checkpoint_state_dict), params["first_stage_config"],
+                                         scale_factor=ldm_scale_factor(params, checkpoint_state_dict))
+
+
 def first_stage_from_diffusers_model(model: VQModel | AutoencoderKL, scale_factor: float | None = None) -> FirstStage:
     """The run's FirstStage (latents -> uint8 NHWC) around a diffusers VQModel / AutoencoderKL.
 
@@ -250,4 +260,4 @@ def first_stage_from_diffusers_model(model: VQModel | AutoencoderKL, scale_facto
 
 
 __all__ = ["first_stage_kind", "first_stage_kwargs", "ldm_scale_factor", "load_first_stage_from_compvis",
-           "first_stage_from_diffusers_model"]
+           "load_first_stage_from_ldm", "first_stage_from_diffusers_model"]

@@ -117,6 +117,17 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def select_first_stage(checkpoint_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `first_stage_model.*` entries of a whole CompVis LDM checkpoint, prefix removed."""
+    selected = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in checkpoint_state_dict.items()
+                if k.startswith(FIRST_STAGE_PREFIX)}
+    if not selected:
+        sample = _format_list(list(checkpoint_state_dict)[:5], limit=5)
+        raise KeyError(f"the checkpoint has no {FIRST_STAGE_PREFIX!r} entries (first keys: {sample}): "
+                       "is it a CompVis LatentDiffusion checkpoint?")
+    return selected
+
+
 def _n_levels(keys, level_regex: str, what: str) -> int:
     """Number of resolution levels = 1 + the largest level index in keys matching level_regex."""
     found = [int(m.group(1)) for k in keys if (m := re.match(level_regex, k))]

@@ -23,8 +23,13 @@ from ldm.first_stage import (
     first_stage_kwargs,
     ldm_scale_factor,
     load_first_stage_from_compvis,
+    load_first_stage_from_ldm,
 )
-from ldm.first_stage_convert import compvis_to_diffusers_first_stage, diffusers_to_compvis_first_stage
+from ldm.first_stage_convert import (
+    compvis_to_diffusers_first_stage,
+    diffusers_to_compvis_first_stage,
+    select_first_stage,
+)
 
 # 2 levels at resolution 16: level 0 at 16x16, level 1 (the bottom) at 8x8 with attention.
 TINY_DD = dict(double_z=False, z_channels=3, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
@@ -273,6 +278,25 @@ def test_ldm_scale_factor_rules():
                             {"scale_factor": torch.tensor(0.25)}) == 0.25
     with pytest.raises(KeyError, match="scale_factor"):
         ldm_scale_factor({"scale_by_std": True}, {})
+
+
+def test_whole_ldm_checkpoint_gives_its_first_stage_and_scale():
+    config = vq_config()
+    source = tiny_model(config)
+    checkpoint = {f"first_stage_model.{k}": v for k, v in
+                  diffusers_to_compvis_first_stage(source.state_dict(), "vq").items()}
+    checkpoint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 3, 3, 3)  # the U-Net
+    checkpoint["cond_stage_model.embedding.weight"] = torch.zeros(10, 8)  # the class embedder
+    checkpoint["scale_factor"] = torch.tensor(0.5)  # scale_by_std's buffer
+    params = {"scale_by_std": True, "scale_factor": 1.0, "first_stage_config": config,
+              "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel"}}
+    model = load_first_stage_from_ldm(checkpoint, params)
+    assert model.config.scaling_factor == 0.5
+    z = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(model.decode(z).sample, source.decode(z).sample)
+    with pytest.raises(KeyError, match="no 'first_stage_model.' entries"):
+        select_first_stage({"model.diffusion_model.out.2.weight": torch.zeros(1)})
 
 
 # ---- bad input ----
