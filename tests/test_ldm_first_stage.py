@@ -139,7 +139,8 @@ def test_round_trips_are_identity(kind):
     assert again.keys() == compvis.keys()
     assert all(torch.equal(again[k], compvis[k]) for k in compvis)
     # up-block order is reversed: CompVis up.2 (bottom) is diffusers up_blocks.0
-    assert torch.equal(compvis["decoder.up.2.block.0.conv1.weight"], source["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert torch.equal(compvis["decoder.up.2.block.0.conv1.weight"],
+                       source["decoder.up_blocks.0.resnets.0.conv1.weight"])
 
 
 def test_prefixed_keys_and_training_only_loss_entries_are_accepted():
