@@ -10,11 +10,13 @@ result as the run's `diffusion.vae.FirstStage`.
 Decoding, as the LDM sampler must do it: CompVis `LatentDiffusion.decode_first_stage(z)` computes
 `z / scale_factor` and, for a VQ first stage, `VQModelInterface.decode(z, force_not_quantize=False)`:
 the latent is snapped to the nearest codebook entry, then post_quant_conv, then the decoder.
-diffusers `VQModel.decode(z)` defaults to `force_not_quantize=False` and does the same (nearest entry by
-Euclidean distance; taming's VectorQuantizer2 takes the argmin of |z|^2 + |e|^2 - 2 z.e, the same
-entry except for exact float ties). `FirstStage.decode` (diffusion/vae.py) calls `vae.decode(z /
-vae.config.scaling_factor)` with that default, so it decodes as CompVis does once `scaling_factor` is
-the LDM's `scale_factor` (1.0 for the CompVis cin256 / VQ models, 0.18215 for SD); the loader sets it.
+diffusers `VQModel.decode(z)` defaults to `force_not_quantize=False` and does the same: its
+VectorQuantizer takes the argmin of torch.cdist(z, codebook), taming's VectorQuantizer2 the argmin
+of |z|^2 + |e|^2 - 2 z.e (the same entry up to floating-point near-ties), both then return
+z + (e - z).detach(). `FirstStage.decode` (diffusion/vae.py) calls `vae.decode(z /
+vae.config.scaling_factor)` with that default, so it decodes as CompVis does once `scaling_factor`
+is the LDM's `scale_factor` (1.0, LatentDiffusion's default, for the CompVis cin256 / VQ yamls;
+0.18215 for SD): the loaders here set it.
 """
 from __future__ import annotations
 
