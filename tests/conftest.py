@@ -92,3 +92,34 @@ def tgate_reference(tmp_path_factory):
                 target.write_bytes(archive.read(member))
     sys.path.insert(0, str(root))
     return importlib.import_module("tgate_reference")
+
+
+def pip_target(name: str, *requirements: str) -> Path:
+    """A folder holding `requirements` installed with `pip --no-deps --target`, made once and
+    cached under ~/.cache/diffusion-accel/<name> (reference packages whose dependencies we do
+    not want in the environment). A failed install fails the test, never skips it."""
+    import subprocess
+    import sys
+
+    folder = Path.home() / ".cache" / "diffusion-accel" / name
+    done = folder / ".installed"
+    if not done.exists():
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
+                               *requirements], capture_output=True, text=True)
+        if proc.returncode:
+            pytest.fail(f"could not install {requirements} from the package registry: {proc.stderr[-1000:]}")
+        done.write_text("\n".join(requirements))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def taming_modules():
+    """CompVis's first-stage building blocks (taming's Encoder, Decoder, VectorQuantizer2) from pip's
+    `taming-transformers-rom1504`, without the pytorch-lightning it declares."""
+    import importlib
+    import sys
+
+    folder = pip_target("taming", "taming-transformers-rom1504==0.0.6", "einops")
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return importlib.import_module("taming.modules.diffusionmodules.model")

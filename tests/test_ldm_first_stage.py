@@ -444,8 +444,7 @@ class _TamingFirstStage(torch.nn.Module):
     ("vq", dict(resolution=10, ch_mult=[1, 1, 1], attn_resolutions=[5, 4])),  # encoder / decoder levels differ
     ("kl", dict(ch_mult=[1, 2, 2], attn_resolutions=[8])),  # attention at a middle level
 ])
-def test_matches_taming_modules(kind, dd):
-    pytest.importorskip("taming.modules.vqvae.quantize", reason="needs pip's taming-transformers-rom1504 + einops")
+def test_matches_taming_modules(kind, dd, taming_modules):
     config = vq_config(**dd) if kind == "vq" else kl_config(**dd)
     torch.manual_seed(0)
     reference = randomize(_TamingFirstStage(config), seed=5).eval()
