@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.run import build_denoiser, build_hooks, check_config, model_configs, run_from_config
+from diffusion.run import build_denoiser, build_hooks, call_target, check_config, model_configs, run_from_config
 from diffusion.solvers import NoiseSchedule, build_solver
 
 from conftest import CONFIGS
@@ -47,12 +47,14 @@ def test_every_experiment_composes_and_instantiates(compose_sample, exp):
     cfg = compose_sample(f"+exp={exp}")
     check_config(cfg)
     build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
-                 learned_variance=cfg.model.learn_sigma, eta=cfg.sampler.get("eta", 0.0),
+                 learned_variance=cfg.model.get("learn_sigma", False), eta=cfg.sampler.get("eta", 0.0),
                  spacing=cfg.sampler.get("spacing"))
     build_hooks(cfg)
-    pixel_space = cfg.vae.source is None
     with torch.device("meta"):  # full-size models, no memory or init time
-        if pixel_space:
+        if cfg.vae.get("_target_"):  # an LDM's own first stage
+            stage = call_target(cfg.vae, pretrained=False, device="meta")
+            channels, factor = stage.latent_channels, stage.factor
+        elif cfg.vae.source is None:
             channels, factor = cfg.vae.channels, 1
         else:
             vae = instantiate({"_target_": "diffusers.AutoencoderKL", **OmegaConf.to_container(cfg.vae.arch)})
