@@ -21,3 +21,17 @@ def randomized_unet(params=TINY_UNET, seed=0, std=0.1) -> UNetModel:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+class ContextDenoiser(torch.nn.Module):
+    """model(x, t, context) for the sampler, around a U-Net taking a text-like context: the
+    native one (`context=`) or diffusers' UNet2DConditionModel (`encoder_hidden_states=`)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context):
+        if isinstance(self.unet, UNetModel):
+            return self.unet(x, t, context=context)
+        return self.unet(x, t, encoder_hidden_states=context).sample

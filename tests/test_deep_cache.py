@@ -11,21 +11,10 @@ from deep_cache.hook import UNetFeatureCache
 from diffusion import sample
 from diffusion.seeding import initial_noise, sample_generators
 from diffusion.solvers import NoiseSchedule, build_solver
-from ldm_tiny import TINY_UNET_HEAD_CHANNELS, randomized_unet
+from ldm_tiny import TINY_UNET_HEAD_CHANNELS, ContextDenoiser, randomized_unet
 from test_ldm_unet import diffusers_twin
 
 SD_SCHEDULE = NoiseSchedule(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
-
-class ContextDenoiser(torch.nn.Module):
-    """model(x, t, context) for the sampler, around a U-Net taking a text-like context."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context):
-        return self.unet(x, t, context=context)
 
 
 def _inputs(seed=0, batch=2):
