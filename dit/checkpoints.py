@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from diffusion.state_dicts import load_state_dict_checked
 from dit.convert import (
     diffusers_to_official,
     is_diffusers_folder,
@@ -126,37 +127,6 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), got {type(obj).__name__}")
     return obj
-
-
-def _listing(items: list[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """strict load, but check keys and shapes first and explain every difference.
-
-    Raises ValueError (and leaves `model` untouched) on missing keys, unexpected keys
-    or shape mismatches; the message names `source`.
-    """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not match the model ({type(model).__name__}); nothing was loaded."]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
 
 
 def build_dit(

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.state_dicts import load_state_dict_checked
+
 from .conditioning import ClassConditionalLDM, ClassEmbedder
 from .unet import UNetModel
 
@@ -119,23 +121,6 @@ def ema_unet_state(state_dict: dict, unet_keys) -> dict[str, torch.Tensor] | Non
     return ema if all(v is not None for v in ema.values()) else None
 
 
-def load_checked(module: torch.nn.Module, state: dict, source: str) -> None:
-    """strict loading whose error names the missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = {k: (tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)}
-    if missing or unexpected or shapes:
-        def few(keys):
-            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-        parts = [f"missing keys {few(missing)}" if missing else "",
-                 f"unexpected keys {few(unexpected)}" if unexpected else "",
-                 f"shape mismatches (checkpoint vs model) {dict(list(shapes.items())[:8])}" if shapes else ""]
-        raise ValueError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
-    module.load_state_dict(state, strict=True)
-
-
 def build_class_conditional_ldm(state_dict: dict | None, unet_params, cond_stage_config, *,
                                 use_ema: bool | None = None, name: str = "LDM",
                                 source: str = "checkpoint") -> ClassConditionalLDM:
@@ -152,7 +137,7 @@ def build_class_conditional_ldm(state_dict: dict | None, unet_params, cond_stage
             raise ValueError(f"use_ema=true but {source} has no complete {EMA_PREFIX!r} copy of the U-Net")
         if ema is not None:
             unet_state = ema
-        load_checked(model.unet, unet_state, f"{source} [{UNET_PREFIX}*]")
-        load_checked(model.cond_stage_model, split_prefix(state_dict, COND_STAGE_PREFIX, source),
+        load_state_dict_checked(model.unet, unet_state, f"{source} [{UNET_PREFIX}*]")
+        load_state_dict_checked(model.cond_stage_model, split_prefix(state_dict, COND_STAGE_PREFIX, source),
                      f"{source} [{COND_STAGE_PREFIX}*]")
     return model.eval()
