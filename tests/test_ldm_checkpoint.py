@@ -140,3 +140,17 @@ def test_missing_prefix_and_bad_yaml_are_named(tiny_pair, tmp_path):
         build_ldm("tiny", pretrained=True, num_classes=1000, ckpt=ckpt, compvis_config=config)
     with pytest.raises(ValueError, match="needs model.ckpt"):
         build_ldm("LDM-cin256-v2", pretrained=True, compvis_config=config)
+
+
+def test_deep_cache_with_tgate_through_the_run(tiny_pair, tmp_path, compose_sample):
+    from diffusion.run import run_from_config
+
+    (ckpt, config), _ = tiny_pair
+    common = ["+exp=ldm_cin256_v2", f"model.ckpt={ckpt}", f"model.compvis_config={config}", "model.image_size=16",
+              "model.num_classes=10", "labels=[1,2]", "num_samples=2", "batch_size=2", "sampler.steps=10",
+              "progress=false"]
+    plain = run_from_config(compose_sample(*common), tmp_path / "plain")
+    cached = run_from_config(compose_sample(*common, "accel=tgate_deep_cache", "accel.tgate.gate_step=5"),
+                             tmp_path / "cached")
+    assert cached["macs_per_image"] < 0.8 * plain["macs_per_image"]
+    assert len(list((tmp_path / "cached").glob("0*.png"))) == 2
