@@ -91,11 +91,9 @@ class DemoApp:
         except Exception as e:  # noqa: BLE001
             log.exception("sweep failed")
             return _status(f"{type(e).__name__}: {e}", ok=False), gr.update(), gr.update()
-        pair = settings.model_pair
-        title = (f"{pair.label.split(': ')[-1]}, {settings.sampler} {settings.steps} steps, "
-                 f"{n} images per fraction{', T-GATE g' + str(settings.gate_step) if settings.tgate else ''}")
-        status = f"Swept {len(points)} fractions ({n} images each)."
-        return _status(status, ok=True), sweep_figure(points, title), sweep_table(points)
+        gate = f", T-GATE gate step {settings.gate_step}" if settings.tgate else ""
+        status = f"Swept {len(points)} fractions ({n} images each, {settings.sampler} {settings.steps} steps{gate})."
+        return _status(status, ok=True), sweep_figure(points), sweep_table(points)
 
     @staticmethod
     def pair_changed(pair_label):
@@ -157,7 +155,8 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                     sweep_button = gr.Button("Sweep fractions", elem_id="sweep")
             with gr.Column(scale=3):
                 status = gr.HTML("", elem_id="status")
-                gallery = gr.Gallery(label="samples", columns=10, height="auto", elem_id="gallery")
+                gallery = gr.Gallery(label="samples", columns=8, fit_columns=False, height=230, object_fit="contain",
+                                     elem_id="gallery")
                 summary = gr.Markdown("", elem_id="summary")
                 plot = gr.Plot(label="quality and time against the fraction", elem_id="sweep_plot")
                 table = gr.Markdown("", elem_id="sweep_table")

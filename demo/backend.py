@@ -164,7 +164,7 @@ class DemoBackend:
         reference = settings.large_alone()
         progress(0.0, "sampling")
         result = self.run(settings)
-        if settings == reference:
+        if settings.is_large_alone:
             self._large_alone[reference] = result
         elif reference not in self._large_alone:
             progress(0.5, "timing the large model alone (once per setting)")

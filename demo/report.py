@@ -58,7 +58,7 @@ def sweep_table(points: list[SweepPoint]) -> str:
     return "\n".join(lines)
 
 
-def sweep_figure(points: list[SweepPoint], title: str):
+def sweep_figure(points: list[SweepPoint]):
     """Quality (where measured) and sampling time against the small-model fraction."""
     import matplotlib
 
@@ -80,7 +80,6 @@ def sweep_figure(points: list[SweepPoint], title: str):
     for ax in axes:
         ax.set_xlabel("fraction of steps on the small model")
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))   # room at the top for the page's label over the plot
     plt.close(fig)   # gradio renders the figure object; keep pyplot's registry from growing per click
     return fig

@@ -15,6 +15,7 @@ from .pairs import ModelPair, get_pair
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler")
 MAX_SAMPLES = 256     # one click; the page is for looking at images, not for evaluation runs
 MAX_SWEEP_POINTS = 11
+TGATE_FIELDS = ("gate_step", "sp_interval", "fi_interval", "warm_up")
 
 
 class SettingsError(ValueError):
@@ -44,9 +45,15 @@ class Settings:
     def model_pair(self) -> ModelPair:
         return get_pair(self.pair)
 
+    @property
+    def is_large_alone(self) -> bool:
+        return self.fraction == 0.0 and not self.tgate
+
     def large_alone(self) -> "Settings":
-        """The same run with the large model for every step and no gating: the speed-up's reference."""
-        return replace(self, fraction=0.0, tgate=False)
+        """The same run with the large model for every step and no gating: the speed-up's reference
+        (T-GATE's fields at their defaults, so that settings differing only in them share it)."""
+        gate_defaults = {name: Settings.__dataclass_fields__[name].default for name in TGATE_FIELDS}
+        return replace(self, fraction=0.0, tgate=False, **gate_defaults)
 
     def overrides(self) -> list[str]:
         """Hydra overrides of configs/sample.yaml (numbers and group choices only: free text,
