@@ -140,3 +140,13 @@ def parse_settings(pair: str, *, fraction, sampler, steps, cfg_scale, seed, num_
         weights=typed,
         random_weights=bool(random_weights),
     )
+
+
+def default_settings(pair: str, **changes) -> Settings:
+    """A pair's page defaults (what the page shows when the pair is chosen), with `changes`."""
+    p = get_pair(pair)
+    values = dict(fraction=p.fraction, sampler=p.sampler, steps=p.steps, cfg_scale=p.cfg_scale, seed=0,
+                  num_samples=p.num_samples, labels=p.labels, prompt=p.prompt, tgate=False, gate_step=p.gate_step,
+                  sp_interval=p.sp_interval, fi_interval=p.fi_interval, warm_up=p.warm_up)
+    values.update(changes)
+    return parse_settings(p.key, **values)

@@ -164,3 +164,19 @@ def test_gallery_enlarges_small_images():
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     items = gallery_items(images, np.array([3, 4]), show_labels=True)
     assert items[0][0].size == (96, 96) and items[1][1] == "class 4"
+
+
+def test_script_help_and_check_without_a_server(capsys):
+    import importlib.util
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "scripts/demo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "--port" in done.stdout and "--share" in done.stdout
+    # --check runs one click in the console; a pair without its weights ends with the page's message
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--check", "dit"]) == 1
+    assert "Error: Weights missing: the small model weights 'pretrained_models/dit_s_256.pt' do not exist" \
+        in capsys.readouterr().err
