@@ -155,7 +155,7 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                     sweep_button = gr.Button("Sweep fractions", elem_id="sweep")
             with gr.Column(scale=3):
                 status = gr.HTML("", elem_id="status")
-                gallery = gr.Gallery(label="samples", columns=8, fit_columns=False, height=230, object_fit="contain",
+                gallery = gr.Gallery(label="samples", columns=5, fit_columns=False, height=310, object_fit="contain",
                                      elem_id="gallery")
                 summary = gr.Markdown("", elem_id="summary")
                 plot = gr.Plot(label="quality and time against the fraction", elem_id="sweep_plot")
