@@ -14,7 +14,7 @@ import gradio as gr
 from .backend import DemoBackend, DemoError
 from .pairs import DEFAULT_PAIR, PAIRS, SLOT_LABELS, get_pair
 from .report import gallery_items, generate_summary, sweep_figure, sweep_table
-from .settings import SAMPLERS, SettingsError, parse_fractions, parse_settings, _number
+from .settings import SAMPLERS, SettingsError, check_number, parse_fractions, parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class DemoApp:
         try:
             settings = self.settings(*generate_values)
             fractions = parse_fractions(fractions_text)
-            n = _number("images per fraction", sweep_samples, whole=True, low=1, high=1000)
+            n = check_number("images per fraction", sweep_samples, whole=True, low=1, high=1000)
             points = self.backend.sweep(settings, fractions, n, progress=lambda share, what: progress(share, desc=what))
         except (SettingsError, DemoError) as e:
             return _status(str(e), ok=False), gr.update(), gr.update()

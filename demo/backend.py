@@ -92,6 +92,8 @@ class DemoBackend:
     def __init__(self, num_threads: int | None = None, work_dir: str | Path | None = None):
         self.num_threads = num_threads      # None: the config's (digits: 1)
         self.work_dir = Path(work_dir) if work_dir else None
+        if self.work_dir:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._large_alone: dict[Settings, RunResult] = {}
 

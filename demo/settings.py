@@ -71,7 +71,7 @@ class Settings:
         return out
 
 
-def _number(name: str, value, *, whole: bool, low: float, high: float | None = None) -> float | int:
+def check_number(name: str, value, *, whole: bool, low: float, high: float | None = None) -> float | int:
     """A finite number in [low, high] (whole if asked); blank and text are errors that name the field."""
     allowed = f"{'a whole number' if whole else 'a number'} >= {low:g}" + (f" and <= {high:g}" if high is not None else "")
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -104,7 +104,7 @@ def parse_fractions(text: str | None) -> tuple[float, ...]:
     tokens = [t for t in re.split(r"[,\s]+", text or "") if t]
     if not tokens:
         raise SettingsError("sweep fractions are empty: give numbers in [0, 1] separated by commas, e.g. 0, 0.5, 1")
-    fractions = sorted({_number("sweep fraction", t, whole=False, low=0.0, high=1.0) for t in tokens})
+    fractions = sorted({check_number("sweep fraction", t, whole=False, low=0.0, high=1.0) for t in tokens})
     if len(fractions) > MAX_SWEEP_POINTS:
         raise SettingsError(f"{len(fractions)} sweep fractions: at most {MAX_SWEEP_POINTS}")
     return tuple(fractions)
@@ -122,21 +122,24 @@ def parse_settings(pair: str, *, fraction, sampler, steps, cfg_scale, seed, num_
         raise SettingsError("the prompt is empty: this pair is text-conditional, type a prompt")
     typed = tuple((slot, str(v).strip()) for slot, v in (weights or {}).items()
                   if slot in model_pair.weights and v is not None and str(v).strip())
+    for slot, value in typed:
+        if "${" in value:   # would be resolved by OmegaConf (e.g. ${oc.env:...}) instead of read as a path
+            raise SettingsError(f"{slot} weights {value!r}: '${{' is not allowed in a path or hub id")
     return Settings(
         pair=model_pair.key,
-        fraction=_number("small-model fraction", fraction, whole=False, low=0.0, high=1.0),
+        fraction=check_number("small-model fraction", fraction, whole=False, low=0.0, high=1.0),
         sampler=sampler,
-        steps=_number("steps", steps, whole=True, low=1, high=1000),
-        cfg_scale=_number("guidance scale", cfg_scale, whole=False, low=0.0),
-        seed=_number("seed", seed, whole=True, low=0),
-        num_samples=_number("number of images", num_samples, whole=True, low=1, high=MAX_SAMPLES),
+        steps=check_number("steps", steps, whole=True, low=1, high=1000),
+        cfg_scale=check_number("guidance scale", cfg_scale, whole=False, low=0.0),
+        seed=check_number("seed", seed, whole=True, low=0),
+        num_samples=check_number("number of images", num_samples, whole=True, low=1, high=MAX_SAMPLES),
         labels=None if text_pair else parse_labels(labels, model_pair.num_classes),
-        prompt=prompt.strip() if text_pair else None,
+        prompt=prompt.strip().replace("${", "\\${") if text_pair else None,   # literal text, not an OmegaConf interpolation
         tgate=bool(tgate),
-        gate_step=_number("T-GATE gate step", gate_step, whole=True, low=1),
-        sp_interval=_number("T-GATE sp_interval", sp_interval, whole=True, low=1),
-        fi_interval=_number("T-GATE fi_interval", fi_interval, whole=True, low=1),
-        warm_up=_number("T-GATE warm_up", warm_up, whole=True, low=0),
+        gate_step=check_number("T-GATE gate step", gate_step, whole=True, low=1),
+        sp_interval=check_number("T-GATE sp_interval", sp_interval, whole=True, low=1),
+        fi_interval=check_number("T-GATE fi_interval", fi_interval, whole=True, low=1),
+        warm_up=check_number("T-GATE warm_up", warm_up, whole=True, low=0),
         weights=typed,
         random_weights=bool(random_weights),
     )

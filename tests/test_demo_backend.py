@@ -44,6 +44,7 @@ def backend():
     (dict(sampler="plms"), ["sampler='plms'", "ddim"]),
     (dict(gate_step=0), ["T-GATE gate step=0"]),
     (dict(warm_up=-1), ["T-GATE warm_up=-1"]),
+    (dict(weights={"small": "${oc.env:HOME}/x.pt"}), ["'${' is not allowed"]),   # no OmegaConf resolution of typed text
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(changes, words):
     with pytest.raises(SettingsError) as info:
