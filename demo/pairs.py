@@ -49,6 +49,7 @@ class ModelPair:
     labels: str = ""
     prompt: str = ""
     num_samples: int = 4
+    max_batch: int = 8             # images per forward batch (samples do not depend on it; memory does)
     quality: str | None = None     # "digits": classifier agreement (evaluation/digits.py)
     note: str = ""
     defaults_hint: dict[str, str] = field(default_factory=dict)  # slot -> what blank means
@@ -74,7 +75,7 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         requires=("exp/digits_stitch_0.4.yaml",),
         num_classes=10, sampler="ddim", steps=50, cfg_scale=1.5, fraction=0.4,
         gate_step=30, sp_interval=3, fi_interval=1, warm_up=2,
-        labels="0, 1, 2, 3, 4, 5, 6, 7, 8, 9", num_samples=10, quality="digits",
+        labels="0, 1, 2, 3, 4, 5, 6, 7, 8, 9", num_samples=10, max_batch=500, quality="digits",
         note="The pair trained on scikit-learn's 8x8 digits and shipped in checkpoints/digits/: "
              "seconds per click on a CPU.",
         defaults_hint={"large": "checkpoints/digits/digits_l.pt", "small": "checkpoints/digits/digits_s.pt"},

@@ -66,7 +66,7 @@ class Settings:
                     f"accel.tgate.warm_up={self.warm_up}", f"accel.tgate.branch={pair.tgate_branch}"]
         out += [f"accel.tstitch.ratio={self.fraction!r}", f"sampler={self.sampler}",
                 f"sampler.steps={self.steps}", f"sampler.cfg_scale={self.cfg_scale!r}",
-                f"seed={self.seed}", f"num_samples={self.num_samples}", f"batch_size={self.num_samples}",
+                f"seed={self.seed}", f"num_samples={self.num_samples}", f"batch_size={min(self.num_samples, pair.max_batch)}",
                 f"pretrained={str(not self.random_weights).lower()}", "progress=true"]
         return out
 
