@@ -46,6 +46,7 @@ class ModelPair:
     fi_interval: int = 1
     warm_up: int = 2
     tgate_branch: str = "cond"     # class-conditional DiT: cond; text models: uncond (the reference's)
+    tgate_accel: str = "tstitch_tgate"  # the accel config of T-Stitch with T-GATE for this pair
     labels: str = ""
     prompt: str = ""
     num_samples: int = 4
@@ -102,10 +103,11 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         requires=("exp/ldm_stitch_0.4.yaml",),
         needs="the native LDM U-Net",
         num_classes=1000, sampler="ddim", steps=20, cfg_scale=3.0, fraction=0.4,
-        gate_step=12, sp_interval=3, fi_interval=1, warm_up=2, tgate_branch="cond",
+        gate_step=12, sp_interval=3, fi_interval=1, warm_up=2, tgate_branch="cond", tgate_accel="tstitch_ldm_tgate",
         labels="207, 360, 387, 974", num_samples=4,
-        note="T-Stitch's LDM-S and LDM (CompVis checkpoints with their first stage).",
-        defaults_hint={"large": "the config's checkpoint", "small": "the config's checkpoint"},
+        note="T-Stitch's LDM-S and LDM (CompVis .ckpt files; the VQ-f8 first stage comes from the large one's). "
+             "Slow on a CPU.",
+        defaults_hint={"large": "none: give T-Stitch's LDM .ckpt", "small": "pretrained_models/ldm_s_cin256.ckpt"},
     ),
     ModelPair(
         key="sdxl",

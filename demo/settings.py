@@ -61,7 +61,7 @@ class Settings:
         pair = self.model_pair
         out = list(pair.overrides)
         if self.tgate:
-            out += ["accel=tstitch_tgate", f"accel.tgate.gate_step={self.gate_step}",
+            out += [f"accel={pair.tgate_accel}", f"accel.tgate.gate_step={self.gate_step}",
                     f"accel.tgate.sp_interval={self.sp_interval}", f"accel.tgate.fi_interval={self.fi_interval}",
                     f"accel.tgate.warm_up={self.warm_up}", f"accel.tgate.branch={pair.tgate_branch}"]
         out += [f"accel.tstitch.ratio={self.fraction!r}", f"sampler={self.sampler}",
