@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from contextlib import contextmanager
 from numbers import Number
 from pathlib import Path
@@ -64,12 +65,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _run_id(out_dir: Path) -> str:
     """The W&B run id of this folder: made once, reused by reruns and by evaluation."""
-    import wandb
-
     path = out_dir / RUN_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # W&B's own ids look alike: 8 lowercase alphanumerics
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id
