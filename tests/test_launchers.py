@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -42,7 +43,15 @@ def test_multirun_with_wandb_offline(tmp_path):
     completes though a third job fails; with logger=wandb and WANDB_MODE=offline each job writes
     its own offline run in its folder holding the resolved config, metrics.json's numbers and
     grid.png, finished with exit code 0, and 1 for the failed job (wandb.finish even on error)."""
-    proc = _multirun(tmp_path, "logger=wandb", env={"WANDB_MODE": "offline"})
+    from evaluation.digits import real_digits_uint8
+
+    digits, _ = real_digits_uint8()
+    reference = tmp_path / "reference.npz"  # 6 real digits as RGB, ADM's layout
+    np.savez(reference, arr_0=np.repeat(digits[:6, :, :, None], 3, axis=-1))
+    # FID etc. at the end of each job (Inception with random weights: no download), logged too
+    proc = _multirun(tmp_path / "sweep", "logger=wandb", f"evaluate.reference={reference}", "evaluate.inception_weights=random",
+                     "evaluate.dims=64", "evaluate.nearest_k=2", env={"WANDB_MODE": "offline"})
+    tmp_path = tmp_path / "sweep"
     _check_sweep(tmp_path, proc)
     for job, ratio in (("0", 0.0), ("1", 0.5)):
         folder = tmp_path / job
@@ -53,6 +62,8 @@ def test_multirun_with_wandb_offline(tmp_path):
         assert run["config"]["model"]["name"] == "DiT-digits-L"
         metrics = json.loads((folder / "metrics.json").read_text())
         assert run["summary"]["sampling_seconds"] == pytest.approx(metrics["sampling_seconds"])
+        assert metrics["fid_dims"] == 64 and metrics["num_reference"] == 6 and 0 <= metrics["precision"] <= 1
+        assert run["summary"]["fid"] == pytest.approx(metrics["fid"])
         assert run["summary"]["steps_per_model/DiT-digits-S"] == metrics["steps_per_model"]["DiT-digits-S"]
         assert any("sampling_seconds" in row for row in run["history"])
         summary = run["summary"]  # the image's entry, keys flattened: grid/_type, grid/path, ...
