@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
         out_dir = shared_output_dir(dist, HydraConfig.get().runtime.output_dir)
         with run_logger(cfg, out_dir, enabled=dist.is_main) as logger:
             metrics = run_from_config(cfg, out_dir, dist)
-            if dist.is_main and cfg.evaluate.reference is not None:
+            if dist.is_main and (cfg.get("evaluate") or {}).get("reference") is not None:
                 from evaluation.run_eval import evaluate_into_run  # FID etc. into metrics.json
 
                 metrics = evaluate_into_run(out_dir, cfg.evaluate, device=cfg.device)
