@@ -19,12 +19,13 @@ from .solvers import Solver
 
 @dataclass
 class Generation:
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8, N = the samples generated (empty with keep_images=False)
     labels: np.ndarray  # (N,) int64
     sampling_seconds: float  # the sampling loops alone (no loading, no decoding)
     decode_seconds: float
-    steps_per_model: list[int]  # steps of one trajectory run by each denoiser
-    evals_per_model: list[int]  # forward rows per image run by each denoiser (guided steps count 2)
+    steps_per_model: list[int] | None  # steps of one trajectory run by each denoiser (None: no batch ran)
+    evals_per_model: list[int] | None  # forward rows per image run by each denoiser (guided steps count 2)
+    indices: list[int] | None = None  # the sample indices generated, in order
 
 
 def check_counts(num_samples, batch_size) -> None:
@@ -55,18 +56,24 @@ def generate(
     cond_key: str = "y",
     out_dir: str | Path | None = None,
     progress: bool = True,
+    batches: Sequence[Sequence[int]] | None = None,
+    keep_images: bool = True,
 ) -> Generation:
     """Sample len(labels) images; sample k gets seed + k and labels[k] whatever the batching.
 
     decode: (B, C, h, w) latents -> (B, H, W, 3) uint8. With out_dir, each batch's
     PNGs are written as soon as it is decoded.
+    batches: the sample indices to generate, one list per batch (default: all of them in
+    batches of batch_size); a resumed or distributed run passes the ones it owns.
+    keep_images=False keeps no image in memory (they are on disk): for large runs.
     """
     num_samples = len(labels)
     check_counts(num_samples, batch_size)
-    images, sampling_seconds, decode_seconds, result = [], 0.0, 0.0, None
-    starts = range(0, num_samples, batch_size)
-    for start in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
-        indices = list(range(start, min(start + batch_size, num_samples)))
+    if batches is None:
+        batches = [list(range(s, min(s + batch_size, num_samples))) for s in range(0, num_samples, batch_size)]
+    images, sampling_seconds, decode_seconds, result, done = [], 0.0, 0.0, None, []
+    for indices in tqdm(batches, desc="batches", disable=not progress or len(batches) <= 1):
+        indices = [int(k) for k in indices]
         generators = sample_generators(seed, indices, device)
         noise = initial_noise(generators, latent_shape, device)
         y = labels[indices].to(device)
@@ -83,9 +90,13 @@ def generate(
         t2 = time.perf_counter()
         sampling_seconds += t1 - t0
         decode_seconds += t2 - t1
-        images.append(batch_images)
+        if keep_images:
+            images.append(batch_images)
+        done += indices
         if out_dir is not None:
             save_sample_pngs(batch_images, indices, out_dir)
     # every batch runs the same schedule, so the last one's counts stand for all
-    return Generation(np.concatenate(images), labels.numpy(), sampling_seconds, decode_seconds,
-                      result.steps_per_model, result.evals_per_model)
+    stacked = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+    return Generation(stacked, labels[done].numpy() if keep_images else labels[:0].numpy(),
+                      sampling_seconds, decode_seconds,
+                      result.steps_per_model if result else None, result.evals_per_model if result else None, done)

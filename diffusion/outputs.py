@@ -71,10 +71,18 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None) ->
 
 
 def save_npz(images: np.ndarray, labels: np.ndarray, path: str | Path) -> Path:
-    """ADM evaluator layout: arr_0 (N, H, W, 3) uint8, arr_1 (N,) class labels."""
-    buf = io.BytesIO()
-    np.savez(buf, images, labels)
-    return atomic_write_bytes(path, buf.getvalue())
+    """ADM evaluator layout: arr_0 (N, H, W, 3) uint8, arr_1 (N,) class labels.
+
+    Streamed to the temporary file (no second copy in memory: 50K samples at 256px are 9.8 GB)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, images, labels)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_json(data: dict, path: str | Path) -> Path:

@@ -16,10 +16,13 @@ import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from .collect import RankResult, combine, first_steps, write_folder_outputs
 from .generate import check_counts, generate
 from .context import SamplingPlan
+from .distributed import Dist, batches_for_rank
 from .macs import count_macs, count_sampling_macs
-from .outputs import rows_by_label, save_grid, save_json, save_npz
+from .outputs import save_json
+from .resume import SampleFolder, grid_batches, samples_config
 from .sampler import check_cfg_scale
 from .seeding import class_labels
 from .solvers import NoiseSchedule, build_solver, check_solver_args
@@ -145,15 +148,28 @@ def cpu_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Sample `cfg.num_samples` images into out_dir; returns the metrics written there."""
+def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = None) -> dict:
+    """Sample `cfg.num_samples` images into out_dir; returns the metrics written there.
+
+    Resumes: samples already in out_dir are kept and only the missing ones are made; a folder
+    marked done does nothing. dist (diffusion.distributed): this process's share of a run
+    over several processes (default: a single process).
+    """
     with cpu_threads(cfg.get("num_threads")):
-        return _run_from_config(cfg, out_dir)
+        return _run_from_config(cfg, out_dir, dist or Dist())
 
 
-def _run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
+def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     labels = check_config(cfg)
-    device = resolve_device(cfg.device)
+    # --- resume (diffusion/resume.py): read-only checks before any work ---
+    folder = SampleFolder(out_dir, cfg.num_samples)
+    folder_config = samples_config(cfg)
+    folder.check_config(folder_config)
+    if folder.is_done():
+        log.info("%s already holds the %d samples (done marker): nothing to do", out_dir, cfg.num_samples)
+        return folder.previous_metrics()
+    # --- end resume ---
+    device = dist.device(resolve_device(cfg.device))
     image_size = int(cfg.model.image_size)
     hooks = build_hooks(cfg)
     configs = model_configs(cfg)
@@ -189,9 +205,11 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
         hook.attach(models, names, solver)
     macs_per_forward, macs_per_image = run_macs(cfg, configs, names, latent_shape, solver)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("sampling %d images with %s, %s x%d, accel=%s, on %s into %s", cfg.num_samples, " -> ".join(names),
+    # --- scale-out and resume: rank 0 claims the folder, the missing batches are dealt over ranks ---
+    missing = dist.broadcast(folder.prepare(folder_config) if dist.is_main else None)
+    batches = batches_for_rank(grid_batches(missing, cfg.batch_size), dist)
+    log.info("sampling %d of %d images (rank %d of %d: %d batches) with %s, %s x%d, accel=%s, on %s into %s",
+             len(missing), cfg.num_samples, dist.rank, dist.world_size, len(batches), " -> ".join(names),
              cfg.sampler.name, solver.num_steps, cfg.accel.name, device, out_dir)
     try:
         result = generate(
@@ -199,35 +217,40 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
             latent_shape=latent_shape, labels=labels,
             null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
             cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
-            hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=out_dir, progress=cfg.progress,
+            hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=folder.dir, progress=cfg.progress,
+            batches=batches, keep_images=False,
         )
     finally:
         for hook in hooks:
             hook.detach()
-    if cfg.get("grid_by_label", False):
-        cells, ncols = rows_by_label(result.images, result.labels)
-        save_grid(cells, out_dir / "grid.png", ncols)
-    else:
-        save_grid(result.images, out_dir / "grid.png")
-    save_npz(result.images, result.labels, out_dir / "samples.npz")
-    metrics = {
-        "sampling_seconds": result.sampling_seconds,
-        "decode_seconds": result.decode_seconds,
-        "num_images": len(result.images),
-        "images_per_second": len(result.images) / max(result.sampling_seconds, 1e-9),
-        "steps": solver.num_steps,
-        "steps_per_model": dict(zip(names, result.steps_per_model)),
-        # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted (CFG rows included)
-        "macs_per_forward": dict(zip(names, macs_per_forward)),
-        "macs_per_image": macs_per_image,
-        "sampler": cfg.sampler.name,
-        "cfg_scale": float(cfg.sampler.cfg_scale),
-        "accel": cfg.accel.name,
-        "seed": int(cfg.seed),
-        "device": str(device),
-        "image_size": image_size,
-    }
-    save_json(metrics, out_dir / "metrics.json")
-    log.info("%d images in %.2f s of sampling (%.3f images/s), steps per model %s", metrics["num_images"],
-             metrics["sampling_seconds"], metrics["images_per_second"], metrics["steps_per_model"])
-    return metrics
+    results = dist.gather(RankResult.of(result))  # also the barrier: every rank's PNGs are on disk
+    metrics = None
+    if dist.is_main:
+        num_images = write_folder_outputs(folder, labels.numpy(), cfg.get("grid_by_label", False), cfg.get("grid_max"))
+        steps = first_steps(results)
+        if steps is None:  # nothing was missing: the folder's earlier run counted them
+            steps_per_model = (folder.previous_metrics() or {}).get("steps_per_model")
+        else:
+            steps_per_model = dict(zip(names, steps))
+        metrics = {
+            **combine(results),
+            "num_images": num_images,
+            "steps": solver.num_steps,
+            "steps_per_model": steps_per_model,
+            # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted (CFG rows included)
+            "macs_per_forward": dict(zip(names, macs_per_forward)),
+            "macs_per_image": macs_per_image,
+            "sampler": cfg.sampler.name,
+            "cfg_scale": float(cfg.sampler.cfg_scale),
+            "accel": cfg.accel.name,
+            "seed": int(cfg.seed),
+            "device": str(device),
+            "image_size": image_size,
+        }
+        save_json(metrics, folder.dir / "metrics.json")
+        folder.mark_done({"num_generated_last_run": metrics["num_generated"]})
+        log.info("%d images in the folder, %d made in %.2f s of sampling (%.3f images/s over %d process(es)), "
+                 "steps per model %s", num_images, metrics["num_generated"], metrics["sampling_seconds"],
+                 metrics["images_per_second"], dist.world_size, steps_per_model)
+    # --- end scale-out and resume ---
+    return dist.broadcast(metrics)

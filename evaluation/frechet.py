@@ -28,3 +28,24 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     middle = _psd_sqrt(root1 @ cov2 @ root1)
     d2 = np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(middle)
     return float(max(d2, 0.0))
+
+
+def frechet_distance_to_features(features: np.ndarray, mu2, cov2) -> float:
+    """frechet_distance(*gaussian_stats(features), mu2, cov2), computed in the smaller space.
+
+    With X = (features - mean) / sqrt(N - 1) (N x D), cov1 = X^T X, and the non-zero eigenvalues
+    of cov1 cov2 = X^T (X cov2) are those of X cov2 X^T (N x N, symmetric PSD). So when N < D
+    (few samples, 2048-d Inception features) Tr((cov1 cov2)^1/2) comes from an N x N
+    eigendecomposition instead of two D x D ones; the same value, exactly in exact arithmetic.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    mu1, cov1 = gaussian_stats(f)
+    n, d = f.shape
+    if n >= d:
+        return frechet_distance(mu1, cov1, mu2, cov2)
+    x = (f - mu1) / np.sqrt(n - 1)
+    small = x @ np.asarray(cov2, dtype=np.float64) @ x.T  # (N, N)
+    eig = np.linalg.eigvalsh((small + small.T) / 2)
+    tr_sqrt = np.sum(np.sqrt(np.clip(eig, 0, None)))
+    d2 = np.sum((mu1 - mu2) ** 2) + np.sum(x * x) + np.trace(cov2) - 2.0 * tr_sqrt
+    return float(max(d2, 0.0))

@@ -75,12 +75,12 @@ def test_dit_xl2_experiment_is_the_official_sample_command(compose_sample):
 def test_run_writes_the_outputs(compose_sample, tiny_vae_dir, tmp_path):
     metrics = _run(compose_sample, tiny_vae_dir, tmp_path)
     assert _files(tmp_path) == ["000000.png", "000001.png", "000002.png", "000003.png",
-                                "grid.png", "metrics.json", "samples.npz"]
+                                "done", "grid.png", "metrics.json", "samples.npz", "samples_config.json"]
     npz = np.load(tmp_path / "samples.npz")
     assert npz["arr_0"].shape == (4, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["arr_1"].shape == (4,)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-    assert metrics["num_images"] == 4 and metrics["steps"] == 5
+    assert metrics["num_images"] == metrics["num_generated"] == 4 and metrics["steps"] == 5
     assert metrics["steps_per_model"] == {"DiT-S/2": 5}
     assert metrics["sampling_seconds"] > 0 and metrics["images_per_second"] > 0
 

@@ -1,0 +1,124 @@
+"""A run folder that can be resumed: which samples are on disk, what is missing, when it is done.
+
+The folder's state is its files, nothing else:
+
+* `000000.png`, ... one per sample index, each written atomically (diffusion.outputs), so a
+  PNG under its final name is complete; a killed run leaves at most hidden temporaries
+  (`.000007.png.tmp<pid>`), which the next run deletes.
+* `samples_config.json`: the part of the config that decides the images (model, sampler,
+  schedule, accel, seed, labels, ...; not num_samples, batch_size, device, logging). A rerun
+  with another such config into the folder is refused: its PNGs would mix two experiments.
+* `samples.npz`, `grid.png`, `metrics.json`: rebuilt at the end from the first num_samples
+  PNGs on disk whenever this run added samples (or they do not match num_samples).
+* `done`: written last; says the folder holds num_samples complete samples. A rerun that
+  finds it (same num_samples, same config) does nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from .outputs import sample_filename, save_json
+
+DONE = "done"
+CONFIG_FILE = "samples_config.json"
+# config keys that change how a run is carried out, not which image sample k is
+RUN_ONLY_KEYS = ("num_samples", "batch_size", "device", "num_threads", "progress", "grid_by_label",
+                 "grid_max", "logger", "evaluate", "hydra")
+
+
+def samples_config(cfg: DictConfig) -> dict:
+    """The resolved config minus RUN_ONLY_KEYS: equal for two runs whose sample k are the same image."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: folder has {a!r}, this run {b!r}"]
+
+
+def grid_batches(indices, batch_size: int) -> list[list[int]]:
+    """indices (sorted) grouped by the batch they belong to in a fresh run ([b*bs, (b+1)*bs)).
+
+    A resumed run thus gives whole missing batches the exact composition of a fresh run
+    (same images to the bit); a batch cut by a kill runs as its missing remainder.
+    """
+    batches: dict[int, list[int]] = {}
+    for k in sorted(int(i) for i in indices):
+        batches.setdefault(k // batch_size, []).append(k)
+    return [batches[b] for b in sorted(batches)]
+
+
+class SampleFolder:
+    def __init__(self, out_dir: str | Path, num_samples: int):
+        self.dir = Path(out_dir)
+        self.num_samples = int(num_samples)
+
+    def png(self, k: int) -> Path:
+        return self.dir / sample_filename(k)
+
+    def check_config(self, config: dict) -> None:
+        """Refuse a folder holding samples of another config (read-only: before any work)."""
+        path = self.dir / CONFIG_FILE
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        diff = _differences(saved, json.loads(json.dumps(config)))
+        if diff:
+            raise ValueError(f"{self.dir} holds samples of another config ({'; '.join(diff[:5])}"
+                             f"{'; ...' if len(diff) > 5 else ''}): resume only with the same settings, "
+                             "or write to a new folder (hydra.run.dir=...)")
+
+    def is_done(self) -> bool:
+        """The done marker for this num_samples, and every PNG and samples.npz on disk."""
+        path = self.dir / DONE
+        if not path.is_file() or not (self.dir / "samples.npz").is_file():
+            return False
+        try:
+            marker = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return False
+        return marker.get("num_samples") == self.num_samples and not self.missing()
+
+    def existing(self) -> list[int]:
+        return [k for k in range(self.num_samples) if self.png(k).is_file()]
+
+    def missing(self) -> list[int]:
+        return [k for k in range(self.num_samples) if not self.png(k).is_file()]
+
+    def prepare(self, config: dict) -> list[int]:
+        """Claim the folder for a run (rank 0 only): record the config, drop a stale done marker
+        and temporaries a killed run left; returns the missing indices."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.dir.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        missing = self.missing()
+        if missing:
+            (self.dir / DONE).unlink(missing_ok=True)
+        save_json(config, self.dir / CONFIG_FILE)
+        return missing
+
+    def read_images(self, n: int | None = None) -> np.ndarray:
+        """The first n (default num_samples) PNGs as (n, H, W, 3) uint8, filled in place (one copy in memory)."""
+        n = self.num_samples if n is None else n
+        first = np.asarray(Image.open(self.png(0)).convert("RGB"))
+        images = np.empty((n, *first.shape), dtype=np.uint8)
+        for k in range(n):
+            images[k] = first if k == 0 else np.asarray(Image.open(self.png(k)).convert("RGB"))
+        return images
+
+    def mark_done(self, info: dict) -> None:
+        save_json({"num_samples": self.num_samples, **info}, self.dir / DONE)
+
+    def previous_metrics(self) -> dict | None:
+        path = self.dir / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None

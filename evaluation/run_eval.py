@@ -1,0 +1,49 @@
+"""FID, IS and precision/recall of a run folder's samples.npz, merged into its metrics.json.
+
+Used by scripts/evaluate.py (--reference) and at the end of a sampling job
+(`evaluate.reference=...` in configs/sample.yaml).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from diffusion.outputs import save_json
+from evaluation.fid import evaluate_images, load_reference
+from evaluation.inception import InceptionFeatures
+
+log = logging.getLogger(__name__)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def evaluate_into_run(run_dir: str | Path, settings, device: str | None = "auto", net: InceptionFeatures | None = None) -> dict:
+    """settings: reference, inception_weights, dims, batch_size, nearest_k (configs/sample.yaml's
+    `evaluate`). Returns the run's metrics.json with the results added (keys fid, inception_score,
+    precision, recall, ...)."""
+    run_dir = Path(run_dir)
+    get = settings.get if hasattr(settings, "get") else lambda k, d=None: getattr(settings, k, d)
+    reference = load_reference(get("reference"))  # a bad path fails before the network is built
+    net = net or InceptionFeatures(get("inception_weights"), int(get("dims", 2048) or 2048))
+    with np.load(run_dir / "samples.npz") as npz:
+        samples = npz["arr_0"]
+    result = evaluate_images(samples, reference, net, batch_size=int(get("batch_size", 50) or 50),
+                             nearest_k=int(get("nearest_k", 3) or 3),
+                             reference_stats=get("reference_stats", "auto") or "auto", device=_device(device))
+    result["reference"] = reference.source
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics.update(result)
+    save_json(metrics, metrics_path)
+    log.info("FID %.3f, IS %.3f, precision %s, recall %s (%d samples vs %s)", result["fid"], result["inception_score"],
+             result.get("precision"), result.get("recall"), result["num_samples"], reference.source)
+    return metrics
