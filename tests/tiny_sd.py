@@ -81,9 +81,10 @@ def scheduler(name: str = "ddim"):
 
     classes = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
                "heun": "HeunDiscreteScheduler", "lcm": "LCMScheduler", "dpmpp": "DPMSolverMultistepScheduler"}
-    extra = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1} if name == "ddim" else {}
+    extra = {"clip_sample": False, "set_alpha_to_one": False} if name == "ddim" else {}
+    extra["steps_offset"] = 1
     if name == "pndm":
-        extra = {"skip_prk_steps": True}
+        extra["skip_prk_steps"] = True
     return getattr(diffusers, classes[name])(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                              num_train_timesteps=1000, **extra)
 
@@ -103,19 +104,28 @@ def sd_pipeline(seed: int = 0, scheduler_name: str = "ddim", unet=None, cls=None
     return pipe
 
 
-def sd_controlnet_pipeline(seed: int = 0, unet=None):
-    """StableDiffusionControlNetPipeline; the ControlNet is built from the UNet's architecture."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def controlnet(seed: int = 0):
+    """A ControlNet built from the architecture and weights of `sd_unet(seed)`."""
+    from diffusers import ControlNetModel
 
-    parts = sd_components(seed, "ddim", unet)
+    unet = sd_unet(seed)
     torch.manual_seed(seed + 1)
     # conditioning image 16x16 -> 8x8 latent grid: two conditioning-embedding levels (one downsampling)
-    controlnet = ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=(8, 16)).eval()
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
     with torch.no_grad():  # from_unet zero-initialises the output convolutions: make the residuals non-zero
-        for name, p in controlnet.named_parameters():
+        for name, p in model.named_parameters():
             if "zero_conv" in name or "controlnet_" in name:
                 p.normal_(0, 0.05)
-    pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    return model
+
+
+def sd_controlnet_pipeline(seed: int = 0, unet=None):
+    """StableDiffusionControlNetPipeline; its ControlNet is `controlnet(seed)` whatever `unet` is."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    parts = sd_components(seed, "ddim", unet)
+    cn = controlnet(seed)
+    pipe = StableDiffusionControlNetPipeline(controlnet=cn, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -116,7 +116,8 @@ def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, **lo
     sources = _as_list(small)
     fractions = resolve_fractions(None if fractions is not None else ratio, fractions, num_models=len(sources) + 1)
     smalls = [load_denoiser(s, large, name, **load_kwargs) for s in sources]
-    names = [_display_name(s, f"small{j}") for j, s in enumerate(sources)] + [_display_name(large, "large")]
+    fallback = ["small"] if len(sources) == 1 else [f"small{j + 1}" for j in range(len(sources))]
+    names = [_display_name(s, f) for s, f in zip(sources, fallback)] + [_display_name(large, "large")]
     controlnet = getattr(pipe, "controlnet", None) is not None
     for model, model_name in zip(smalls, names):
         check_denoiser_pair(model, large, model_name, names[-1], controlnet=controlnet)

@@ -8,10 +8,11 @@ the first round(r n) steps).
 Which step a call belongs to comes from the pipeline's scheduler, not from the timestep
 value (no host sync per call):
 
-- the steps of a run are the scheduler's timesteps from its begin index on
-  (img2img with strength < 1 starts part-way: `set_begin_index`), divided by
-  `scheduler.order` (Heun-type schedulers call the model twice per step and list each
-  timestep twice);
+- the steps of a run are the scheduler's timesteps from where the run starts on, divided
+  by `scheduler.order` (Heun-type schedulers call the model twice per step and list each
+  timestep twice). img2img with strength < 1 starts part-way: schedulers that have
+  `set_begin_index` are told where (`begin_index`); for the others (DDIM, DDPM, PNDM) the
+  start is the position of the first call's timestep in the list, read once per run;
 - the current step is the number of `scheduler.step` calls made so far in the run,
   divided by `scheduler.order`, so pipelines that call the denoiser several times per
   step (separate guidance passes) stay on the same step until the scheduler moves.
@@ -21,6 +22,7 @@ calls (an instance-level wrapper, removed on exit) and resets the per-run state.
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 
@@ -28,6 +30,16 @@ import torch
 import torch.nn as nn
 
 from .schedule import model_per_step, resolve_fractions
+
+
+def _position(timesteps, timestep) -> int:
+    """Index of the first entry of `timesteps` equal to `timestep` (a number or a tensor whose
+    entries are all that timestep); 0 when it is not there. One host sync per run."""
+    if timestep is None:
+        return 0
+    value = timestep.reshape(-1)[0] if torch.is_tensor(timestep) else torch.tensor(timestep)
+    matches = (torch.as_tensor(timesteps).to(value.device) == value).nonzero()
+    return int(matches[0, 0]) if len(matches) else 0
 
 
 class _Trajectory:
@@ -41,13 +53,16 @@ class _Trajectory:
         self.updates = 0                 # scheduler.step calls in this run
         self.per_step: list[int] | None = None
 
-    def plan(self) -> list[int]:
-        """(n,) model index per step, n = steps this run makes (fixed once the loop has begun)."""
+    def plan(self, timestep=None) -> list[int]:
+        """(n,) model index per step, n = steps this run makes; fixed at the first model call,
+        whose `timestep` locates the start for schedulers without a begin index."""
         if self.per_step is None:
             timesteps = self.scheduler.timesteps
             if timesteps is None:
                 raise RuntimeError("the stitched denoiser was called before the scheduler's set_timesteps")
-            begin = getattr(self.scheduler, "begin_index", None) or 0
+            begin = getattr(self.scheduler, "begin_index", None)
+            if begin is None:
+                begin = _position(timesteps, timestep)
             calls = len(timesteps) - int(begin)
             self.per_step = model_per_step(self.fractions, max(math.ceil(calls / self.order), 1))
         return self.per_step
@@ -117,6 +132,7 @@ class StitchedDenoiser(nn.Module):
         had_own = "step" in vars(scheduler)
         previous = scheduler.step
 
+        @functools.wraps(previous)  # pipelines read step's signature (eta, generator): keep it visible
         def counted_step(*args, **kwargs):
             run.updates += 1
             return previous(*args, **kwargs)
@@ -132,13 +148,13 @@ class StitchedDenoiser(nn.Module):
             else:
                 del scheduler.step
 
-    def current_model_index(self) -> int:
+    def current_model_index(self, timestep=None) -> int:
         run = self._trajectory
         if run is None:
             raise RuntimeError("the stitched denoiser picks its model by the step of a pipeline call: call the "
                                "pipeline (tstitch.stitch_pipeline / get_tstitch_pipeline set it up), or bracket "
                                "the calls in `with stitched.trajectory(scheduler):`")
-        per_step = run.plan()
+        per_step = run.plan(timestep)
         step = min(run.step_index(), len(per_step) - 1)  # a pipeline that runs past its schedule keeps the last model
         index = per_step[step]
         if len(self.last_steps) <= step:
@@ -147,7 +163,8 @@ class StitchedDenoiser(nn.Module):
         return index
 
     def forward(self, *args, **kwargs):
-        model = self.models[self.current_model_index()]
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        model = self.models[self.current_model_index(timestep)]
         if kwargs.get("timestep_cond") is not None and getattr(model.config, "time_cond_proj_dim", None) is None:
             kwargs = {**kwargs, "timestep_cond": None}
         return model(*args, **kwargs)
