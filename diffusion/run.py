@@ -147,6 +147,9 @@ def cpu_threads(n: int | None):
 def run_from_config(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Sample `cfg.num_samples` images into out_dir; returns the metrics written there."""
     with cpu_threads(cfg.get("num_threads")):
+        if cfg.model.get("kind") == "pipeline":  # diffusers pipelines (SD, SD-XL, PixArt, ...): their own module
+            from .pipeline_run import run_pipeline_from_config
+            return run_pipeline_from_config(cfg, out_dir, resolve_device(cfg.device))
         return _run_from_config(cfg, out_dir)
 
 

@@ -101,6 +101,15 @@ def _display_name(source, fallback: str) -> str:
     return str(path) if path else fallback
 
 
+def check_stitch_settings(small, ratio: float | None = 0.5, fractions=None, **load_kwargs) -> None:
+    """The checks of `stitch_pipeline` that need no pipeline (run configs call this before loading)."""
+    sources = _as_list(small)
+    resolve_fractions(None if fractions is not None else ratio, fractions, num_models=len(sources) + 1)
+    for source in sources:
+        if isinstance(source, (str, Path)) and Path(source).is_absolute() and not Path(source).is_dir():
+            raise ValueError(f"small model {str(source)!r}: no such folder")
+
+
 def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, **load_kwargs):
     """Stitch `small` (one model, or a list in run order for several) before `pipe`'s own denoiser.
 
