@@ -156,6 +156,24 @@ def test_lcm_unet_with_an_lcm_lora_style_small_model():
     assert (_run(pipe, ratio=1.0, **kwargs) == plain_small).all()
 
 
+def test_pixart_transformer_is_stitched_in_place_of_pipe_transformer():
+    small = t.pixart_transformer(seed=3, num_layers=1)
+    kwargs = dict(steps=4, use_resolution_binning=False, clean_caption=False, max_sequence_length=8)
+    plain_small = _run(t.pixart_pipeline(seed=0, transformer=small), **kwargs)
+    plain_large = _run(t.pixart_pipeline(seed=0), **kwargs)
+    pipe = stitch_pipeline(t.pixart_pipeline(seed=0), small, ratio=0.5)
+    assert isinstance(pipe.transformer, StitchedDenoiser)
+    assert (_run(pipe, ratio=1.0, **kwargs) == plain_small).all()
+    assert (_run(pipe, ratio=0.0, **kwargs) == plain_large).all()
+    log = CallLog(small=small, large=pipe.transformer.large)
+    _run(pipe, **kwargs)
+    log.remove()
+    assert log.calls == ["small"] * 2 + ["large"] * 2
+    with pytest.raises(ValueError, match=r"caption \(text embedding\) widths: small has caption_channels=32, "
+                                         r"large has caption_channels=16"):
+        stitch_pipeline(t.pixart_pipeline(seed=0), t.pixart_transformer(seed=1, caption_channels=32))
+
+
 @pytest.mark.parametrize("small, message", [
     (lambda: t.sd_unet(seed=1, in_channels=8), r"latent channels: small has in_channels=8, large has in_channels=4"),
     (lambda: t.sd_unet(seed=1, cross_attention_dim=16),

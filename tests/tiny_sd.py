@@ -145,3 +145,41 @@ def sdxl_pipeline(seed: int = 0, scheduler_name: str = "euler", unet=None):
 def control_image(seed: int = 0):
     """A (1, 3, 16, 16) conditioning image in [0, 1]."""
     return torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def t5_tokenizer():
+    """A T5 tokenizer from a hand-made unigram vocab: pad, eos, unk, the letters and the word marker."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=vocab + [("\u2581", -2.0)], extra_ids=0)
+
+
+def t5_encoder(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=30, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, pad_token_id=0,
+                      eos_token_id=1)
+    return T5EncoderModel(config).eval()
+
+
+def pixart_transformer(seed: int = 0, num_layers: int = 2, **overrides):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(sample_size=8, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+                  caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8)
+    config.update(overrides)
+    return PixArtTransformer2DModel(**config).eval()
+
+
+def pixart_pipeline(seed: int = 0, transformer=None):
+    """PixArtAlphaPipeline (T5 text encoder); call it with use_resolution_binning=False, clean_caption=False."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(seed), vae=vae(seed),
+                               transformer=transformer if transformer is not None else pixart_transformer(seed),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
