@@ -149,3 +149,22 @@ def test_prompts_file_is_read_one_prompt_per_line(compose_sample, folders, tmp_p
     run_from_config(compose_sample(*_overrides(folders, "prompts=null", f"prompts_file={path}")), tmp_path / "f")
     saved = json.loads((tmp_path / "f" / "prompts.json").read_text())
     assert saved == {"inputs": PROMPTS, "per_sample": [0, 1, 0]}
+
+
+def test_svd_samples_from_conditioning_images_and_writes_frames_side_by_side(compose_sample, tmp_path):
+    from PIL import Image
+
+    folder, image = tmp_path / "svd", tmp_path / "cond.png"
+    t.svd_pipeline(seed=0).save_pretrained(folder)
+    Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)).save(image)
+    cfg = compose_sample("model=svd", "sampler=pipeline", f"model.source={folder}", "model.load.variant=null",
+                         "model.call.num_inference_steps=2", "model.call.height=16", "model.call.width=16",
+                         "+model.call.num_frames=3", "model.call.decode_chunk_size=3",
+                         f"images=[{image}]", "num_samples=2", "batch_size=1", "progress=false", "device=cpu")
+    metrics = run_from_config(cfg, tmp_path / "out")
+    npz = np.load(tmp_path / "out" / "samples.npz")
+    assert npz["arr_0"].shape == (2, 16, 3 * 16, 3)  # 3 frames of 16x16, side by side
+    assert metrics["pipeline"] == "StableVideoDiffusionPipeline" and metrics["num_images"] == 2
+    assert not (npz["arr_0"][0] == npz["arr_0"][1]).all()  # seeds 0 and 1
+    with pytest.raises(ValueError, match=r"model 'SVD-XT' samples from images: give images=\[...\]"):
+        run_from_config(compose_sample("model=svd", "sampler=pipeline", f"model.source={folder}"), tmp_path / "x")
