@@ -237,6 +237,7 @@ def test_unstitch_restores_the_pipeline_bitwise(small_unet):
     before = _run(pipe)
     stitch_pipeline(pipe, small_unet, ratio=0.5)
     assert isinstance(pipe.unet, StitchedDenoiser) and pipe.unet.config is unet.config
+    assert pipe.to("cpu") is pipe and pipe.dtype == torch.float32 and pipe.unet.conv_in is unet.conv_in
     _run(pipe)
     with pytest.raises(ValueError, match="stitched already"):
         stitch_pipeline(pipe, small_unet)
