@@ -156,6 +156,12 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
     over several processes (default: a single process).
     """
     with cpu_threads(cfg.get("num_threads")):
+        if cfg.model.get("kind") == "pipeline":  # diffusers pipelines (SD, SD-XL, PixArt, ...): their own module
+            if dist is not None and dist.world_size > 1:
+                raise ValueError("text/image pipelines (model kind: pipeline) run in one process for now, without "
+                                 "resume; launch them without torchrun/accelerate (or split the prompts over jobs)")
+            from .pipeline_run import run_pipeline_from_config
+            return run_pipeline_from_config(cfg, out_dir, resolve_device(cfg.device))
         return _run_from_config(cfg, out_dir, dist or Dist())
 
 

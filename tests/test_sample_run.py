@@ -45,6 +45,13 @@ def _files(folder: Path):
 @pytest.mark.parametrize("exp", sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml")))
 def test_every_experiment_composes_and_instantiates(compose_sample, exp):
     cfg = compose_sample(f"+exp={exp}")
+    if cfg.model.get("kind") == "pipeline":  # diffusers pipelines: every check that needs no download
+        from diffusion.pipeline_run import check_pipeline_config
+        from tgate.counting import build_meta_denoiser
+
+        check_pipeline_config(cfg)  # prompts, call settings, accel.pipeline entries built and checked
+        assert build_meta_denoiser(cfg.model).config.in_channels == 4  # the architecture scripts/count_macs.py counts
+        return
     check_config(cfg)
     build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
                  learned_variance=cfg.model.get("learn_sigma", False), eta=cfg.sampler.get("eta", 0.0),

@@ -1,0 +1,174 @@
+"""A stitched denoiser that stands in for a diffusers pipeline's `unet` (or `transformer`).
+
+The pipeline's own `__call__` runs unchanged: it calls `pipe.unet(...)` once (or more) per
+step, and this module hands each call to the model whose turn it is, with the step rule of
+the native hook (`model_per_step`: with n steps and small fraction r the small model runs
+the first round(r n) steps).
+
+Which step a call belongs to comes from the pipeline's scheduler, not from the timestep
+value (no host sync per call):
+
+- the steps of a run are the scheduler's timesteps from where the run starts on, divided
+  by `scheduler.order` (Heun-type schedulers call the model twice per step and list each
+  timestep twice). img2img with strength < 1 starts part-way: schedulers that have
+  `set_begin_index` are told where (`begin_index`); for the others (DDIM, DDPM, PNDM) the
+  start is the position of the first call's timestep in the list, read once per run;
+- the current step is the number of `scheduler.step` calls made so far in the run,
+  divided by `scheduler.order`, so pipelines that call the denoiser several times per
+  step (separate guidance passes) stay on the same step until the scheduler moves.
+
+`trajectory(scheduler)` brackets one pipeline call: it counts the scheduler's `step`
+calls (an instance-level wrapper, removed on exit) and resets the per-run state.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from .schedule import model_per_step, resolve_fractions
+
+
+def _position(timesteps, timestep) -> int:
+    """Index of the first entry of `timesteps` equal to `timestep` (a number or a tensor whose
+    entries are all that timestep); 0 when it is not there. One host sync per run."""
+    if timestep is None:
+        return 0
+    value = timestep.reshape(-1)[0] if torch.is_tensor(timestep) else torch.tensor(timestep)
+    matches = (torch.as_tensor(timesteps).to(value.device) == value).nonzero()
+    return int(matches[0, 0]) if len(matches) else 0
+
+
+class _Trajectory:
+    """Per-call state: scheduler updates counted so far and, from the first model call on,
+    the model index of every step."""
+
+    def __init__(self, scheduler, fractions: list[float]):
+        self.scheduler = scheduler
+        self.fractions = fractions
+        self.order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+        self.updates = 0                 # scheduler.step calls in this run
+        self.per_step: list[int] | None = None
+
+    def plan(self, timestep=None) -> list[int]:
+        """(n,) model index per step, n = steps this run makes; fixed at the first model call,
+        whose `timestep` locates the start for schedulers without a begin index."""
+        if self.per_step is None:
+            timesteps = self.scheduler.timesteps
+            if timesteps is None:
+                raise RuntimeError("the stitched denoiser was called before the scheduler's set_timesteps")
+            begin = getattr(self.scheduler, "begin_index", None)
+            if begin is None:
+                begin = _position(timesteps, timestep)
+            calls = len(timesteps) - int(begin)
+            self.per_step = model_per_step(self.fractions, max(math.ceil(calls / self.order), 1))
+        return self.per_step
+
+    def step_index(self) -> int:
+        return self.updates // self.order
+
+
+class StitchedDenoiser(nn.Module):
+    """`models` in run order (smallest first, the pipeline's own denoiser last) and their fractions.
+
+    Attribute reads the pipeline makes of its denoiser (`config`, `dtype`, `device`,
+    `add_embedding`, `attn_processors`, ...) go to the last (large) model, so the pipeline
+    prepares inputs exactly as it does for that model; each call's arguments (ControlNet
+    residuals included) go unchanged to the model that runs, except that `timestep_cond`
+    (LCM's guidance embedding) is dropped for a model without a `time_cond_proj_dim`
+    (an LCM-LoRA model, stitched with a distilled LCM UNet).
+    """
+
+    def __init__(self, models, fractions=None, ratio: float | None = None, names=None):
+        super().__init__()
+        models = list(models)
+        if len(models) < 2:
+            raise ValueError(f"a stitched denoiser needs at least two models, got {len(models)}")
+        self.models = nn.ModuleList(models)
+        self.fractions = resolve_fractions(ratio, fractions, num_models=len(models))
+        self.names = list(names) if names is not None else [f"model{j}" for j in range(len(models))]
+        self._trajectory: _Trajectory | None = None
+        # what ran in the last pipeline call: model index per step, and (step, model index) per call
+        self.last_steps: list[int] = []
+        self.last_calls: list[tuple[int, int]] = []
+
+    # -- the large model's face ------------------------------------------------------------
+    @property
+    def large(self) -> nn.Module:
+        return self.models[-1]
+
+    @property
+    def config(self):
+        return self.large.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.large.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.large.device
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # own parameters, buffers and submodules
+        except AttributeError:
+            if name in ("models", "_modules") or name.startswith("__"):
+                raise
+            return getattr(self.large, name)
+
+    # -- one pipeline call -----------------------------------------------------------------
+    @contextmanager
+    def trajectory(self, scheduler, fractions=None):
+        """Bracket one pipeline call that uses `scheduler` (fractions: this call only)."""
+        if self._trajectory is not None:
+            raise RuntimeError("this stitched denoiser is already inside a pipeline call (calls do not nest)")
+        fractions = self.fractions if fractions is None else resolve_fractions(fractions=fractions,
+                                                                               num_models=len(self.models))
+        run = _Trajectory(scheduler, fractions)
+        had_own = "step" in vars(scheduler)
+        previous = scheduler.step
+
+        @functools.wraps(previous)  # pipelines read step's signature (eta, generator): keep it visible
+        def counted_step(*args, **kwargs):
+            run.updates += 1
+            return previous(*args, **kwargs)
+
+        scheduler.step = counted_step
+        self._trajectory, self.last_steps, self.last_calls = run, [], []
+        try:
+            yield run
+        finally:
+            self._trajectory = None
+            if had_own:
+                scheduler.step = previous
+            else:
+                del scheduler.step
+
+    def current_model_index(self, timestep=None) -> int:
+        run = self._trajectory
+        if run is None:
+            raise RuntimeError("the stitched denoiser picks its model by the step of a pipeline call: call the "
+                               "pipeline (tstitch.stitch_pipeline / get_tstitch_pipeline set it up), or bracket "
+                               "the calls in `with stitched.trajectory(scheduler):`")
+        per_step = run.plan(timestep)
+        step = min(run.step_index(), len(per_step) - 1)  # a pipeline that runs past its schedule keeps the last model
+        index = per_step[step]
+        if len(self.last_steps) <= step:
+            self.last_steps.append(index)
+        self.last_calls.append((step, index))
+        return index
+
+    def forward(self, *args, **kwargs):
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        model = self.models[self.current_model_index(timestep)]
+        if kwargs.get("timestep_cond") is not None and getattr(model.config, "time_cond_proj_dim", None) is None:
+            kwargs = {**kwargs, "timestep_cond": None}
+        return model(*args, **kwargs)
+
+    def steps_per_model(self) -> dict[str, int]:
+        """Steps each model ran in the last pipeline call."""
+        return {name: self.last_steps.count(j) for j, name in enumerate(self.names)}
