@@ -52,37 +52,55 @@ def compose_sample():
     GlobalHydra.instance().clear()
 
 
-@pytest.fixture(scope="session")
-def tgate_reference(tmp_path_factory):
-    """The reference `tgate` 1.0.0 package from PyPI, importable as `tgate_reference`.
+REFERENCE_CACHE = Path.home() / ".cache" / "diffusion-accel"
 
-    It cannot be pip-installed beside ours (both are called `tgate`), so its wheel is
-    downloaded from the package registry once (cached under ~/.cache/diffusion-accel)
-    and unpacked under another name. Set TGATE_REFERENCE_WHEEL to use a local wheel.
+
+def install_reference_tgate() -> Path:
+    """A folder holding the reference `tgate` 1.0.0 package (DIR/tgate), installed once.
+
+    `pip install --no-deps --target` from the package registry (or from the wheel named
+    by TGATE_REFERENCE_WHEEL), cached under ~/.cache/diffusion-accel. It cannot be
+    installed beside ours (both are called `tgate`): tests put this folder on a
+    subprocess's PYTHONPATH, or import a renamed copy (fixture `tgate_reference`).
     """
-    import importlib
+    import shutil
     import subprocess
     import sys
-    import zipfile
+    import tempfile
 
-    wheel = os.environ.get("TGATE_REFERENCE_WHEEL")
-    if not wheel:
-        cache = Path.home() / ".cache" / "diffusion-accel"
-        found = sorted(cache.glob("tgate-1.0.0-*.whl"))
-        if not found:
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "tgate==1.0.0", "--no-deps",
-                                   "-d", str(cache)], capture_output=True, text=True)
-            found = sorted(cache.glob("tgate-1.0.0-*.whl"))
-            if not found:
-                pytest.fail(f"could not download the reference tgate==1.0.0 wheel from the package registry "
-                            f"(set TGATE_REFERENCE_WHEEL to a local copy): {proc.stderr[-1000:]}")
-        wheel = found[0]
+    target = REFERENCE_CACHE / "tgate-1.0.0"
+    if (target / "tgate" / "tgate_utils.py").exists():
+        return target
+    REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
+    source = os.environ.get("TGATE_REFERENCE_WHEEL") or "tgate==1.0.0"
+    staging = Path(tempfile.mkdtemp(dir=REFERENCE_CACHE, prefix=".tgate-install-"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging),
+                           source], capture_output=True, text=True)
+    if proc.returncode or not (staging / "tgate" / "tgate_utils.py").exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        pytest.fail(f"could not install the reference {source} from the package registry "
+                    f"(set TGATE_REFERENCE_WHEEL to a local wheel): {proc.stderr[-1000:]}")
+    try:
+        staging.rename(target)  # atomic: a concurrent run either finds the whole folder or none
+    except OSError:  # another run got there first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tgate_reference_dir() -> Path:
+    return install_reference_tgate()
+
+
+@pytest.fixture(scope="session")
+def tgate_reference(tgate_reference_dir, tmp_path_factory):
+    """The reference `tgate` 1.0.0 package imported in this process as `tgate_reference`
+    (a renamed copy of the installed package)."""
+    import importlib
+    import shutil
+    import sys
+
     root = tmp_path_factory.mktemp("tgate_reference")
-    with zipfile.ZipFile(wheel) as archive:
-        for member in archive.namelist():
-            if member.startswith("tgate/"):
-                target = root / "tgate_reference" / member[len("tgate/"):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(member))
+    shutil.copytree(tgate_reference_dir / "tgate", root / "tgate_reference")
     sys.path.insert(0, str(root))
     return importlib.import_module("tgate_reference")
