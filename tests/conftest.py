@@ -52,6 +52,12 @@ def compose_sample():
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture(scope="session")
+def tiny_pipelines_dir(tmp_path_factory) -> Path:
+    """Folder for tests/tiny_pipelines.save_tiny: each tiny pipeline is saved there once per session."""
+    return tmp_path_factory.mktemp("tiny_pipelines")
+
+
 REFERENCE_CACHE = Path.home() / ".cache" / "diffusion-accel"
 
 

@@ -20,8 +20,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_pipelines")
+def tiny_dir(tiny_pipelines_dir):
+    folder = tiny_pipelines_dir
     for kind in sorted({case[0] for case in CASES.values()}):
         save_tiny(kind, folder)
     return folder
