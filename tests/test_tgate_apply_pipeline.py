@@ -229,3 +229,32 @@ def test_bad_use_is_refused_and_the_pipeline_is_restored_after_an_error(tiny_pip
         apply_tgate(_pipe("pixart_alpha", tiny_pipelines_dir), TGateConfig(), deepcache=DeepCacheConfig())
     with pytest.raises(ValueError, match="gate_step=0"):
         pipe.tgate(**TEXT, gate_step=0)
+
+
+@pytest.mark.slow  # 25 steps per example: ~15 s on 2 free cores, a minute on a busy machine
+def test_the_readme_examples_run_on_tiny_pipelines(tiny_pipelines_dir):
+    """The T-GATE README's examples, line for line, with tiny pipelines instead of the hub ones."""
+    from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+    from PIL import Image
+
+    from tgate import TgatePixArtSigmaLoader, TgateSDXLDeepCacheLoader
+
+    for kind, loader in (("pixart_alpha", TgatePixArtAlphaLoader), ("pixart_sigma", TgatePixArtSigmaLoader)):
+        pipe = loader(_pipe(kind, tiny_pipelines_dir)).to("cpu")
+        image = pipe.tgate("An alpaca made of colorful building blocks, cyberpunk.", gate_step=15, sp_interval=3,
+                           fi_interval=1, warm_up=2, num_inference_steps=25, use_resolution_binning=False).images[0]
+        assert isinstance(image, Image.Image)
+    prompt = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k."
+    pipe = TgateSDXLLoader(_pipe("sdxl", tiny_pipelines_dir)).to("cpu")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.tgate(prompt, gate_step=10, sp_interval=5, fi_interval=1, warm_up=2,
+                                 num_inference_steps=25).images[0], Image.Image)
+    pipe = TgateSDXLDeepCacheLoader(_pipe("sdxl", tiny_pipelines_dir), cache_interval=3, cache_branch_id=0).to("cpu")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.tgate(prompt, gate_step=10, sp_interval=1, fi_interval=1, warm_up=0,
+                                 num_inference_steps=25).images[0], Image.Image)
+    pipe = _pipe("sdxl_lcm", tiny_pipelines_dir)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe = TgateSDXLLoader(pipe, lcm=True).to("cpu")
+    assert isinstance(pipe.tgate(prompt, gate_step=1, sp_interval=1, fi_interval=1, warm_up=0,
+                                 num_inference_steps=4).images[0], Image.Image)
