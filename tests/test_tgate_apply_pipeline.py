@@ -12,7 +12,16 @@ from tgate.steps import step_of_call
 from tgate_parity import GATE, PIXART, TEXT
 from tiny_pipelines import load_tiny, save_tiny, svd_image
 
-SVD_CALL = dict(height=32, width=32, num_frames=2, num_inference_steps=5, output_type="latent")
+SVD_CALL = dict(height=16, width=16, num_frames=2, num_inference_steps=5, output_type="latent")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~20x faster on one thread than on two when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pipe(kind, folder):

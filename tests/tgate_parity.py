@@ -26,7 +26,7 @@ CASES = {
     "sdxl": ("sdxl", "TgateSDXLLoader", {}, {**TEXT, **GATE}),
     "pixart_alpha": ("pixart_alpha", "TgatePixArtAlphaLoader", {}, {**PIXART, **GATE}),
     "pixart_sigma": ("pixart_sigma", "TgatePixArtSigmaLoader", {}, {**PIXART, **GATE}),
-    "svd": ("svd", "TgateSVDLoader", {}, dict(height=32, width=32, num_frames=2, num_inference_steps=6,
+    "svd": ("svd", "TgateSVDLoader", {}, dict(height=16, width=16, num_frames=2, num_inference_steps=6,
                                                min_guidance_scale=1.0, max_guidance_scale=3.0, output_type="latent",
                                                gate_step=3, sp_interval=2, fi_interval=2, warm_up=1)),
     # the DeepCache loaders' own defaults (sp_interval=1, warm_up=0); full U-Net every 2nd step

@@ -13,6 +13,8 @@ import torch
 def main(folder: str, out: str, *cases: str) -> None:
     import tgate
 
+    torch.set_num_threads(1)  # as the in-process side: tiny models, shared cores
+
     from tgate_parity import run_case
 
     results = {case: run_case(tgate, case, folder) for case in cases}

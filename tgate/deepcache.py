@@ -51,6 +51,9 @@ class DeepCacheAttachment:
     """
 
     def __init__(self, pipe, helper):
+        if getattr(helper, "function_dict", None):  # filled by enable(), emptied by disable()
+            raise ValueError("deepcache: this DeepCacheSDHelper is already enabled; call its disable() first "
+                             "(T-GATE enables it for the gated calls and restarts it at the gate)")
         self.helper = helper
         self._unet = pipe.unet
         # modules that already had their own instance-level forward (keep those on removal)
