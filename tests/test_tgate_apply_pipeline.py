@@ -240,7 +240,6 @@ def test_bad_use_is_refused_and_the_pipeline_is_restored_after_an_error(tiny_pip
         pipe.tgate(**TEXT, gate_step=0)
 
 
-@pytest.mark.slow  # 25 steps per example: ~15 s on 2 free cores, a minute on a busy machine
 def test_the_readme_examples_run_on_tiny_pipelines(tiny_pipelines_dir):
     """The T-GATE README's examples, line for line, with tiny pipelines instead of the hub ones."""
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler
