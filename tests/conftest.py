@@ -59,57 +59,73 @@ def compose_sample():
 
 
 @pytest.fixture(scope="session")
-def tgate_reference(tmp_path_factory):
-    """The reference `tgate` 1.0.0 package from PyPI, importable as `tgate_reference`.
+def tiny_pipelines_dir(tmp_path_factory) -> Path:
+    """Folder for tests/tiny_pipelines.save_tiny: each tiny pipeline is saved there once per session."""
+    return tmp_path_factory.mktemp("tiny_pipelines")
 
-    It cannot be pip-installed beside ours (both are called `tgate`), so its wheel is
-    downloaded from the package registry once (cached under ~/.cache/diffusion-accel)
-    and unpacked under another name. Set TGATE_REFERENCE_WHEEL to use a local wheel.
-    """
-    import importlib
+
+REFERENCE_CACHE = Path.home() / ".cache" / "diffusion-accel"
+
+
+def pip_target(name: str, *requirements: str, marker: str = ".installed") -> Path:
+    """A folder holding `requirements` installed with `pip install --no-deps --target`, made once
+    and cached as ~/.cache/diffusion-accel/<name>: reference packages that cannot be installed
+    beside ours or whose dependencies we do not want in the environment. Installed into a
+    staging folder and renamed into place (a concurrent run finds the whole folder or none);
+    `marker` is a path inside it that says the install is complete. A failed install fails
+    the test, never skips it."""
+    import shutil
     import subprocess
     import sys
-    import zipfile
+    import tempfile
 
-    wheel = os.environ.get("TGATE_REFERENCE_WHEEL")
-    if not wheel:
-        cache = Path.home() / ".cache" / "diffusion-accel"
-        found = sorted(cache.glob("tgate-1.0.0-*.whl"))
-        if not found:
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "tgate==1.0.0", "--no-deps",
-                                   "-d", str(cache)], capture_output=True, text=True)
-            found = sorted(cache.glob("tgate-1.0.0-*.whl"))
-            if not found:
-                pytest.fail(f"could not download the reference tgate==1.0.0 wheel from the package registry "
-                            f"(set TGATE_REFERENCE_WHEEL to a local copy): {proc.stderr[-1000:]}")
-        wheel = found[0]
+    target = REFERENCE_CACHE / name
+    if (target / marker).exists():
+        return target
+    REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=REFERENCE_CACHE, prefix=f".{name}-install-"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging),
+                           *requirements], capture_output=True, text=True)
+    if marker == ".installed" and not proc.returncode:
+        (staging / marker).write_text("\n".join(requirements))
+    if proc.returncode or not (staging / marker).exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        pytest.fail(f"could not install {requirements} from the package registry: {proc.stderr[-1000:]}")
+    if not (target / marker).exists():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier install
+    try:
+        staging.rename(target)
+    except OSError:  # another run got there first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def install_reference_tgate() -> Path:
+    """A folder holding the reference `tgate` 1.0.0 package (DIR/tgate), from the package registry or
+    the wheel named by TGATE_REFERENCE_WHEEL. It cannot be installed beside ours (both are called
+    `tgate`): tests put this folder on a subprocess's PYTHONPATH, or import a renamed copy
+    (fixture `tgate_reference`)."""
+    source = os.environ.get("TGATE_REFERENCE_WHEEL") or "tgate==1.0.0"
+    return pip_target("tgate-1.0.0", source, marker="tgate/tgate_utils.py")
+
+
+@pytest.fixture(scope="session")
+def tgate_reference_dir() -> Path:
+    return install_reference_tgate()
+
+
+@pytest.fixture(scope="session")
+def tgate_reference(tgate_reference_dir, tmp_path_factory):
+    """The reference `tgate` 1.0.0 package imported in this process as `tgate_reference`
+    (a renamed copy of the installed package)."""
+    import importlib
+    import shutil
+    import sys
+
     root = tmp_path_factory.mktemp("tgate_reference")
-    with zipfile.ZipFile(wheel) as archive:
-        for member in archive.namelist():
-            if member.startswith("tgate/"):
-                target = root / "tgate_reference" / member[len("tgate/"):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(member))
+    shutil.copytree(tgate_reference_dir / "tgate", root / "tgate_reference")
     sys.path.insert(0, str(root))
     return importlib.import_module("tgate_reference")
-
-
-def pip_target(name: str, *requirements: str) -> Path:
-    """A folder holding `requirements` installed with `pip --no-deps --target`, made once and
-    cached under ~/.cache/diffusion-accel/<name> (reference packages whose dependencies we do
-    not want in the environment). A failed install fails the test, never skips it."""
-    import subprocess
-    import sys
-
-    folder = Path.home() / ".cache" / "diffusion-accel" / name
-    done = folder / ".installed"
-    if not done.exists():
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
-                               *requirements], capture_output=True, text=True)
-        if proc.returncode:
-            pytest.fail(f"could not install {requirements} from the package registry: {proc.stderr[-1000:]}")
-        done.write_text("\n".join(requirements))
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from diffusion import Hook, SamplingPlan, StepContext
 
-from .apply import apply_tgate, remove_tgate
+from .apply import gate_attention, ungate_attention
 from .config import TGateConfig
 from .state import TGateState
 
@@ -29,12 +29,12 @@ class TGateHook(Hook):
     def attach(self, models, names, solver) -> None:
         self.detach()
         for model in models:
-            apply_tgate(model, self.config, self.state)
+            gate_attention(model, self.config, self.state)
             self._models.append(model)
 
     def detach(self) -> None:
         for model in self._models:
-            remove_tgate(model)
+            ungate_attention(model)
         self._models = []
 
     def start(self, plan: SamplingPlan) -> None:
