@@ -168,3 +168,23 @@ def test_svd_samples_from_conditioning_images_and_writes_frames_side_by_side(com
     assert not (npz["arr_0"][0] == npz["arr_0"][1]).all()  # seeds 0 and 1
     with pytest.raises(ValueError, match=r"model 'SVD-XT' samples from images: give images=\[...\]"):
         run_from_config(compose_sample("model=svd", "sampler=pipeline", f"model.source={folder}"), tmp_path / "x")
+
+
+def test_tgate_on_a_pipeline_through_the_configs_equals_apply_tgate(compose_sample, folders, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from tgate import TGateConfig, apply_tgate
+
+    gate = ["accel=tgate_sdxl", "accel.tgate.gate_step=2", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
+    metrics = run_from_config(compose_sample(*_overrides(folders, *gate)), tmp_path / "gated")
+    assert metrics["accel"] == "tgate_sdxl"
+    pipe = StableDiffusionPipeline.from_pretrained(folders / "large", safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    apply_tgate(pipe, TGateConfig(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0, branch="uncond"))
+    gated = _pngs(tmp_path / "gated")
+    for k in range(3):
+        out = pipe(PROMPTS[k % 2], num_inference_steps=4, guidance_scale=7.5, height=16, width=16, output_type="np",
+                   generator=torch.Generator().manual_seed(k)).images[0]
+        assert (gated[k] == (np.clip(out, 0, 1) * 255).round().astype(np.uint8)).all(), k
+    plain = [_direct(folders / "large", k) for k in range(3)]
+    assert not all((a == b).all() for a, b in zip(gated, plain))  # the gate acted
