@@ -14,7 +14,7 @@ import gradio as gr
 from .backend import DemoBackend, DemoError
 from .pairs import DEFAULT_PAIR, PAIRS, SLOT_LABELS, get_pair
 from .report import gallery_items, generate_summary, sweep_figure, sweep_table
-from .settings import SAMPLERS, SettingsError, check_number, parse_fractions, parse_settings
+from .settings import PIPELINE_SAMPLERS, SAMPLERS, SettingsError, check_number, parse_fractions, parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                         fi_interval = gr.Number(pair.fi_interval, label="fi_interval", precision=0, elem_id="fi_interval")
                         warm_up = gr.Number(pair.warm_up, label="warm_up", precision=0, elem_id="warm_up")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS), value=pair.sampler, label="sampler", elem_id="sampler")
+                    sampler = gr.Dropdown(list(SAMPLERS + PIPELINE_SAMPLERS), value=pair.sampler, label="sampler", elem_id="sampler")
                     steps = gr.Number(pair.steps, label="steps", precision=0, elem_id="steps")
                     cfg_scale = gr.Number(pair.cfg_scale, label="guidance scale", elem_id="cfg_scale")
                 labels = gr.Textbox(pair.labels, label="class labels (comma-separated, used cyclically)", elem_id="labels")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from .pairs import ModelPair, get_pair
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler")
+PIPELINE_SAMPLERS = ("pipeline",)
 MAX_SAMPLES = 256     # one click; the page is for looking at images, not for evaluation runs
 MAX_SWEEP_POINTS = 11
 TGATE_FIELDS = ("gate_step", "sp_interval", "fi_interval", "warm_up")
@@ -115,9 +116,10 @@ def parse_settings(pair: str, *, fraction, sampler, steps, cfg_scale, seed, num_
                    weights: dict[str, str] | None = None, random_weights=False) -> Settings:
     """The page's raw values (numbers may arrive as floats, text or None) -> checked Settings."""
     model_pair = get_pair(pair)
-    if sampler not in SAMPLERS:
-        raise SettingsError(f"sampler={sampler!r}: allowed are {', '.join(SAMPLERS)}")
     text_pair = model_pair.conditioning == "text"
+    allowed = PIPELINE_SAMPLERS if text_pair else SAMPLERS  # text pairs run their pipeline's own scheduler
+    if sampler not in allowed:
+        raise SettingsError(f"sampler={sampler!r}: allowed for this pair are {', '.join(allowed)}")
     if text_pair and not (prompt or "").strip():
         raise SettingsError("the prompt is empty: this pair is text-conditional, type a prompt")
     typed = tuple((slot, str(v).strip()) for slot, v in (weights or {}).items()

@@ -146,7 +146,8 @@ def test_every_listed_pair_composes_or_says_what_is_missing(backend):
         cfg = backend.compose(settings)
         assert float(cfg.accel.tstitch.ratio) == pair.fraction and int(cfg.sampler.steps) == pair.steps
         gated = backend.compose(replace(settings, tgate=True))   # the pair's T-Stitch + T-GATE accel config
-        assert "tgate" in gated.accel.hooks and "tstitch" in gated.accel.hooks
+        entries = set(gated.accel.hooks) | set(gated.accel.get("pipeline") or {})  # native hooks / pipeline entries
+        assert {"tgate", "tstitch"} <= entries
         assert [str(m.name) for m in gated.accel.models.values()] == [str(m.name) for m in cfg.accel.models.values()]
     assert not pairs_module.PAIRS["digits"].availability_error()
 

@@ -188,3 +188,13 @@ def test_tgate_on_a_pipeline_through_the_configs_equals_apply_tgate(compose_samp
         assert (gated[k] == (np.clip(out, 0, 1) * 255).round().astype(np.uint8)).all(), k
     plain = [_direct(folders / "large", k) for k in range(3)]
     assert not all((a == b).all() for a, b in zip(gated, plain))  # the gate acted
+
+
+def test_stitched_and_gated_pipeline_run(compose_sample, folders, tmp_path):
+    both = ["accel=tstitch_pipeline_tgate", f"accel.tstitch.small={folders / 'small_unet'}", "accel.tstitch.ratio=0.5",
+            "accel.tgate.gate_step=2", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
+    metrics = run_from_config(compose_sample(*_overrides(folders, *both)), tmp_path / "both")
+    assert list(metrics["steps_per_model"].values()) == [2, 2]
+    stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}", "accel.tstitch.ratio=0.5"]
+    run_from_config(compose_sample(*_overrides(folders, *stitched)), tmp_path / "stitched")
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched")))
