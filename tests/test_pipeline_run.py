@@ -26,14 +26,6 @@ def probe_remove(pipe):
     EVENTS.append(("remove", type(pipe).__name__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny SD pipeline folder, the same pipeline with a smaller UNet, and that UNet alone."""

@@ -15,15 +15,6 @@ from tiny_pipelines import load_tiny, save_tiny, svd_image
 SVD_CALL = dict(height=16, width=16, num_frames=2, num_inference_steps=5, output_type="latent")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~20x faster on one thread than on two when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pipe(kind, folder):
     save_tiny(kind, folder)
     return load_tiny(kind, folder)

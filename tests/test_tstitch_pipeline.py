@@ -7,15 +7,6 @@ import tiny_sd as t
 import tstitch
 from tstitch import StitchedDenoiser, get_tstitch_pipeline, get_tstitch_pipepline, stitch_pipeline, unstitch_pipeline
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CALL = dict(height=t.IMAGE_SIZE, width=t.IMAGE_SIZE, output_type="np")
 
 
