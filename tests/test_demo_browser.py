@@ -182,6 +182,8 @@ def test_sweep_plots_quality_and_time(page, tmp_path):
     table = page.locator("#sweep_table").inner_text()
     for row in ("0\t0 / 10", "0.5\t5 / 5", "1\t10 / 0"):
         assert row in table, table
+    # the plot's image can arrive a moment after the status text: wait for it, then count
+    page.wait_for_selector("#sweep_plot img", timeout=30_000)
     assert page.locator("#sweep_plot img").count() == 1
     save_screenshot(page, tmp_path, "demo_sweep.png")
 
