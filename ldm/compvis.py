@@ -15,7 +15,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.state_dicts import load_state_dict_checked
 
@@ -30,10 +30,11 @@ EMA_PREFIX = "model_ema."
 CLASS_EMBEDDERS = {"ClassEmbedder": 0, "ClassEmbedderCFG": 1}
 
 
-def _plain(node) -> dict:
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node or {})
+def to_plain(config):
+    """OmegaConf containers -> plain dicts/lists (resolved); anything else passes through."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
 
 
 def read_compvis_config(path: str | os.PathLike) -> dict:
@@ -65,12 +66,12 @@ def check_kwargs(cls, kwargs: dict, where: str) -> dict:
 
 def unet_from_params(params) -> UNetModel:
     """`unet_config.params` of a CompVis yaml (as is) -> a U-Net with random weights."""
-    return UNetModel(**check_kwargs(UNetModel, _plain(params), "unet_config.params"))
+    return UNetModel(**check_kwargs(UNetModel, dict(to_plain(params)), "unet_config.params"))
 
 
 def class_embedder_from_config(cond_stage_config) -> ClassEmbedder:
     """`cond_stage_config` ({target, params}) -> the class embedder (random weights)."""
-    cfg = _plain(cond_stage_config)
+    cfg = dict(to_plain(cond_stage_config))
     kind = str(cfg.get("target", "ClassEmbedder")).rsplit(".", 1)[-1]
     if kind not in CLASS_EMBEDDERS:
         raise ValueError(f"cond_stage_config target {cfg.get('target')!r}: only class-conditional LDMs "

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, VQModel
 
 from diffusion.vae import FirstStage
 from ldm.first_stage_convert import compvis_to_diffusers_first_stage, diffusers_key_to_compvis, select_first_stage
+from ldm.compvis import to_plain
 
 VQ_TARGETS = ("ldm.models.autoencoder.VQModelInterface", "ldm.models.autoencoder.VQModel")
 KL_TARGETS = ("ldm.models.autoencoder.AutoencoderKL",)
@@ -41,20 +42,9 @@ _DDCONFIG_REQUIRED = ("z_channels", "resolution", "in_channels", "out_ch", "ch",
 _ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
 
 
-def _plain(config: Any) -> Any:
-    """OmegaConf DictConfig/ListConfig -> plain dicts/lists (dicts and lists pass through)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return config
-    if isinstance(config, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(config, resolve=True)
-    return config
-
-
 def first_stage_kind(first_stage_config: Mapping) -> str:
     """'vq' or 'kl' from a CompVis `first_stage_config` (its `target`)."""
-    config = _plain(first_stage_config)
+    config = to_plain(first_stage_config)
     if not isinstance(config, Mapping) or "target" not in config:
         raise ValueError("first_stage_config must be a mapping with 'target' and 'params' "
                          f"(model.params.first_stage_config of a CompVis LDM yaml), got {config!r}")
@@ -134,7 +124,7 @@ def first_stage_kwargs(first_stage_config: Mapping, *, scale_factor: float | Non
     Raises ValueError naming any value diffusers' VQModel/AutoencoderKL cannot represent.
     """
     kind = first_stage_kind(first_stage_config)
-    config = _plain(first_stage_config)
+    config = to_plain(first_stage_config)
     params = config.get("params") or {}
     ddconfig = params.get("ddconfig")
     if not isinstance(ddconfig, Mapping):
@@ -191,7 +181,7 @@ def ldm_scale_factor(ldm_params: Mapping, state_dict: Mapping[str, torch.Tensor]
     as a buffer that training overwrote with 1/std of the first latents: then the checkpoint's
     top-level `scale_factor` entry is the value to use.
     """
-    params = _plain(ldm_params) or {}
+    params = to_plain(ldm_params) or {}
     if params.get("scale_by_std", False):
         if state_dict is None or "scale_factor" not in state_dict:
             raise KeyError("scale_by_std: true needs the checkpoint's 'scale_factor' entry (1/std of the latents)")
@@ -237,7 +227,7 @@ def load_first_stage_from_ldm(checkpoint_state_dict: Mapping[str, torch.Tensor],
                               ldm_params: Mapping) -> VQModel | AutoencoderKL:
     """The first stage of a whole CompVis LDM checkpoint: its `first_stage_model.*` weights, the yaml's
     `model.params.first_stage_config`, and the latent scale (`ldm_scale_factor`) as config.scaling_factor."""
-    params = _plain(ldm_params)
+    params = to_plain(ldm_params)
     if not isinstance(params, Mapping) or "first_stage_config" not in params:
         raise ValueError("ldm_params must be `model.params` of a CompVis LDM yaml, with a first_stage_config")
     return load_first_stage_from_compvis(select_first_stage(checkpoint_state_dict), params["first_stage_config"],
