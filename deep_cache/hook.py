@@ -97,7 +97,7 @@ class UNetFeatureCache(ModelHook):
     def _shallow(self, unet, x, timesteps, context, y) -> torch.Tensor:
         """The first b+1 input blocks, the cached deep feature, the last b+1 output blocks."""
         unet.check_input(x, context)
-        emb = unet.embed(timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps, y)
+        emb = unet.embed(timesteps, y, batch=x.shape[0])
         h, skips = x, []
         for block in unet.input_blocks[: self.branch + 1]:
             h = block(h, emb, context)

@@ -1,6 +1,7 @@
 """Wall-clock time of one sampling run, for the benchmarks (GPU work is synchronised)."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -29,8 +30,6 @@ def time_with_and_without(models, solver, hook, *, latent_shape, batch_size=1, c
     """Median sampling time without and with `hook` (attached to `models` only for its runs),
     timed alternately so that drift on a noisy machine hits both. Returns
     {"baseline": s, "hooked": s, "runs": {...}}."""
-    import statistics
-
     runs = {"baseline": [], "hooked": []}
     names = [f"model{k}" for k in range(len(models))]
     for k in range(warmup + repeats):

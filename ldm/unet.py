@@ -245,8 +245,11 @@ class UNetModel(nn.Module):
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(group_norm(ch), nn.Conv2d(model_channels, n_embed, 1))
 
-    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) timesteps (and labels) -> (B, E) embedding every ResBlock takes."""
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
+        """(B,) timesteps (and labels) -> (B, E) embedding every ResBlock takes; a 0-d timestep
+        is broadcast to `batch` rows."""
+        if timesteps.ndim == 0 and batch is not None:
+            timesteps = timesteps.expand(batch)
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y exactly when the U-Net has num_classes "
                              f"(num_classes={self.num_classes}, y given: {y is not None})")
@@ -261,7 +264,7 @@ class UNetModel(nn.Module):
         """x (B, in_channels, H, W), timesteps (B,) on the training scale, context (B, M, context_dim)
         -> (B, out_channels, H, W)."""
         self.check_input(x, context)
-        emb = self.embed(timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps, y)
+        emb = self.embed(timesteps, y, batch=x.shape[0])
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -12,26 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deep_cache import DeepCacheHook
-from diffusion.context import SamplingPlan
-from diffusion.macs import count_macs, count_sampling_macs
 from diffusion.outputs import save_json
 from diffusion.run import build_denoiser, resolve_device
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.timing import time_with_and_without
+from tgate.counting import build_meta_denoiser, count_run
 
 log = logging.getLogger(__name__)
-
-
-def macs_per_image(model, latent_shape, steps: int, cfg_scale: float, hooks=()) -> int:
-    """All-ops denoiser MACs for one image over the run, with the hooks acting (model on meta)."""
-    plan = SamplingPlan(steps, 1, 1, cfg_scale, cfg_scale != 1, tuple(range(steps)))
-
-    def count_step(ctx, rows):
-        x = torch.zeros(rows, *latent_shape, device="meta")
-        t, y = torch.zeros(rows, device="meta"), torch.zeros(rows, dtype=torch.long, device="meta")
-        return count_macs(lambda: model(x, t, y=y))
-
-    return count_sampling_macs(count_step, plan, hooks)["macs_all"]
 
 
 @hydra.main(config_path="../configs", config_name="bench_deep_cache", version_base="1.3")
@@ -44,13 +31,14 @@ def main(cfg: DictConfig) -> None:
     settings = OmegaConf.to_container(cfg.deep_cache)
     solver = build_solver("ddim", cfg.steps, NoiseSchedule(**cfg.schedule), spacing="ldm")
 
-    with torch.device("meta"):
-        meta = build_denoiser(cfg.model, latent, pretrained=False, device="meta")
+    # all-ops MACs per image over the run, the hook acting on a meta copy (as scripts/count_macs.py)
+    meta = build_meta_denoiser(cfg.model)
+    use_cfg = cfg.cfg_scale != 1
     hook = DeepCacheHook(**settings)
-    plain_macs = macs_per_image(meta, shape, cfg.steps, cfg.cfg_scale)
+    plain_macs = count_run([meta], [cfg.model], cfg.steps, use_cfg)["macs_all"]
     hook.attach([meta], ["meta"], solver)
     try:
-        cached_macs = macs_per_image(meta, shape, cfg.steps, cfg.cfg_scale, [hook])
+        cached_macs = count_run([meta], [cfg.model], cfg.steps, use_cfg, [hook])["macs_all"]
     finally:
         hook.detach()
 
