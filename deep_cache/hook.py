@@ -13,7 +13,9 @@ hook asks (`StepContext.refresh_features`: T-GATE at gate_step - 1 and gate_step
 tgate's DeepCache loaders reset the helper there).
 
 Works on any module with the native U-Net's parts (`input_blocks`, `middle_block`,
-`output_blocks`, `embed`, `head`), found inside a denoiser wrapper.
+`output_blocks`, `embed`, `head`), found inside a denoiser wrapper, and on diffusers' U-Nets
+(`UNet2DConditionModel`: SD 1.x/2.x, SD-XL; deep_cache.unet2d), e.g. when
+scripts/count_macs.py counts them on `meta`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
 from diffusion import Hook, SamplingPlan, StepContext
+
+from .unet2d import attach_unet2d_cache, detach_unet2d_cache, find_diffusers_unets
 
 HOOK_NAME = "deep_cache"
 UNET_PARTS = ("input_blocks", "middle_block", "output_blocks", "embed", "head")
@@ -60,6 +64,16 @@ class UNetFeatureCache(ModelHook):
         self._recording = False
         self.feature: torch.Tensor | None = None   # (rows, C, h, w) from the last full step
         self.countdown = 0                           # cached steps left before the next full one
+
+    # MACs counting (diffusion.macs.count_sampling_macs): what a call computes depends on this state
+    def count_key(self):
+        return (None if self.feature is None else tuple(self.feature.shape)), self.countdown
+
+    def snapshot(self):
+        return self.feature, self.countdown
+
+    def restore(self, snapshot) -> None:
+        self.feature, self.countdown = snapshot
 
     def _record(self, module, args, output) -> None:
         if self._recording:
@@ -125,19 +139,26 @@ class DeepCacheHook(Hook):
 
     def attach(self, models, names, solver) -> None:
         self.detach()
+        unets = []
         for model, name in zip(models, names):
             unet = find_unet(model)
             if unet is None:
-                raise ValueError(f"deep_cache needs a U-Net ({', '.join(UNET_PARTS)}); {name} "
-                                 f"({type(model).__name__}) has none")
-        for model in models:
-            unet = find_unet(model)
-            self._caches.append(apply_deep_cache(unet, self))
-            self._unets.append(unet)
+                unet = next(iter(find_diffusers_unets(model)), None)
+            if unet is None:
+                raise ValueError(f"deep_cache needs a U-Net (the native one: {', '.join(UNET_PARTS)}; or diffusers' "
+                                 f"UNet2DConditionModel: SD 1.x/2.x, SD-XL); {name} ({type(model).__name__}) has none")
+            unets.append(unet)
+        try:
+            for unet in unets:
+                self._caches.append(attach_feature_cache(unet, self))
+                self._unets.append(unet)
+        except Exception:
+            self.detach()
+            raise
 
     def detach(self) -> None:
         for unet in self._unets:
-            remove_deep_cache(unet)
+            detach_feature_cache(unet)
         self._caches, self._unets = [], []
 
     def start(self, plan: SamplingPlan) -> None:
@@ -155,16 +176,19 @@ class DeepCacheHook(Hook):
 
     # MACs counting (diffusion.macs.count_sampling_macs): what a forward computes depends on the caches
     def count_state(self):
-        key = (self.refresh, tuple((None if c.feature is None else tuple(c.feature.shape), c.countdown)
-                                   for c in self._caches))
-        return key, [(c.feature, c.countdown) for c in self._caches]
+        key = (self.refresh, tuple(c.count_key() for c in self._caches))
+        return key, [c.snapshot() for c in self._caches]
 
     def restore_count_state(self, snapshot) -> None:
-        for cache, (feature, countdown) in zip(self._caches, snapshot):
-            cache.feature, cache.countdown = feature, countdown
+        for cache, state in zip(self._caches, snapshot):
+            cache.restore(state)
 
 
-def apply_deep_cache(unet: nn.Module, owner: DeepCacheHook) -> UNetFeatureCache:
+def attach_feature_cache(unet: nn.Module, owner):
+    """DeepCache on one U-Net, native (input_blocks, ...) or diffusers (down_blocks, ...), driven by `owner`
+    (cache_interval, cache_branch_id, active, refresh)."""
+    if not all(hasattr(unet, part) for part in UNET_PARTS):
+        return attach_unet2d_cache(unet, owner)
     existing = getattr(unet, "_diffusers_hook", None)
     if existing is not None and existing.get_hook(HOOK_NAME) is not None:
         raise ValueError(f"deep_cache is already applied to this {type(unet).__name__}")
@@ -173,8 +197,11 @@ def apply_deep_cache(unet: nn.Module, owner: DeepCacheHook) -> UNetFeatureCache:
     return cache
 
 
-def remove_deep_cache(unet: nn.Module) -> None:
-    """Undo apply_deep_cache: the U-Net's own forward, no hook left on it."""
+def detach_feature_cache(unet: nn.Module) -> None:
+    """Undo attach_feature_cache: the U-Net's own forward, no hook left on it."""
+    if not all(hasattr(unet, part) for part in UNET_PARTS):
+        detach_unet2d_cache(unet)
+        return
     registry = getattr(unet, "_diffusers_hook", None)
     if registry is None or registry.get_hook(HOOK_NAME) is None:
         return

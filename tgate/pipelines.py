@@ -9,7 +9,9 @@
   schedulers work without a step callback;
 - from the gate step on, runs one CFG branch and hands the pipeline that output for
   both halves (tgate.branch), also for a ControlNet the pipeline calls with the CFG batch;
-- optionally runs DeepCache through its own helper, restarted at the gate (tgate.deepcache).
+- optionally runs DeepCache through its own helper, restarted at the gate (tgate.deepcache);
+  a DeepCache applied to the pipeline on its own (`deep_cache.apply_deep_cache`) is restarted
+  there too, through `diffusion.feature_refresh`.
 
 Every pipeline call is one run: caches start empty and are freed when the call
 returns (or raises). `remove()` / `remove_tgate(pipe)` leaves the pipeline and its
@@ -22,6 +24,8 @@ import inspect
 import warnings
 
 import torch.nn as nn
+
+from diffusion.feature_refresh import refresh_feature_caches
 
 from .apply import gate_attention, ungate_attention
 from .branch import batch_rows, repeat_branch, take_branch
@@ -168,9 +172,11 @@ class PipelineGate:
             return None
         self.state.step(step)
         gate = self.config.gate_step
-        if self.deepcache is not None and step in (gate - 1, gate) and step not in self._restarted:
+        if step in (gate - 1, gate) and step not in self._restarted:
             self._restarted.add(step)  # full U-Net at the CFG-mean step and at the first one-branch step
-            self.deepcache.restart()
+            if self.deepcache is not None:
+                self.deepcache.restart()
+            refresh_feature_caches(self.denoiser)  # DeepCache applied on its own (deep_cache.apply_deep_cache)
         if not self._use_cfg or self.state.actions.guidance:
             return None
         rows = batch_rows(args, kwargs)
