@@ -219,7 +219,7 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
     log.info("sampling %d images with the %s pipeline (%s), accel=%s, on %s into %s", cfg.num_samples,
              type(pipe).__name__, cfg.model.source, cfg.accel.name, device, out_dir)
     applied = []
-    images, seconds, steps_per_model = [], 0.0, None
+    images, seconds, steps_per_model, stitch_rule = [], 0.0, None, {}
     try:
         for accel in accels:
             accel.apply(pipe)
@@ -241,8 +241,9 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
             save_sample_pngs(batch_images, indices, out_dir)
             images.append(batch_images)
             denoiser = _denoiser(pipe)
-            if hasattr(denoiser, "steps_per_model"):  # a stitched denoiser: what ran in this call
+            if hasattr(denoiser, "steps_per_model"):  # a stitched denoiser: what ran in this call, by which rule
                 steps_per_model = denoiser.steps_per_model()
+                stitch_rule = {"tstitch_rule": denoiser.rule, "tstitch_timestep_form": denoiser.timestep_form}
     finally:
         for accel in reversed(applied):
             accel.remove(pipe)
@@ -260,6 +261,7 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
         "steps": args.get("num_inference_steps"),
         "cfg_scale": args.get("guidance_scale"),
         "steps_per_model": steps_per_model,
+        **stitch_rule,
         "pipeline": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
         "source": str(cfg.model.source),

@@ -132,6 +132,14 @@ def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int]
             hook.detach()
 
 
+def stitch_rule(cfg: DictConfig, num_models: int) -> dict:
+    """For metrics.json: the T-Stitch rule that split the steps (accel.tstitch.rule), when models are stitched."""
+    if num_models < 2:
+        return {}
+    return {"tstitch_rule": OmegaConf.select(cfg, "accel.tstitch.rule", default="index"),
+            "tstitch_timestep_form": OmegaConf.select(cfg, "accel.tstitch.timestep_form", default="dit")}
+
+
 @contextmanager
 def cpu_threads(n: int | None):
     """torch's CPU thread count set to n (None: left alone) for the block, then restored.
@@ -243,6 +251,7 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
             "num_images": num_images,
             "steps": solver.num_steps,
             "steps_per_model": steps_per_model,
+            **stitch_rule(cfg, len(models)),
             # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted (CFG rows included)
             "macs_per_forward": dict(zip(names, macs_per_forward)),
             "macs_per_image": macs_per_image,

@@ -101,12 +101,22 @@ def test_bad_settings_fail_in_the_counter_too():
         count_config(_compose_macs("model=sdxl_lcm", "accel=tgate_lcm"))
 
 
-# T-GATE README (MACs for one image, CFG included): (baseline, with T-GATE) in T
+# The T-GATE README's MACs table (MACs for one image, CFG included), all 12 rows: the model alone and
+# with the technique, each with the exact scripts/count_macs.py overrides the README shows
+# (DeepCache at T-GATE's DeepCache release settings: interval 3, the DeepCache pipeline's layer 0 /
+# block 0 = cache_branch_id 1; with T-GATE the cross-attention cached at step 12: gate_step 13)
+DEEP_CACHE = ["model=sdxl", "accel.deep_cache.cache_branch_id=1"]
 README = {
     "sdxl": (["model=sdxl", "accel=tgate_sdxl"], 149.438, 95.988),
     "pixart_alpha": (["model=pixart_alpha", "accel=tgate_pixart"], 107.031, 73.971),
     "pixart_sigma": (["model=pixart_sigma", "accel=tgate_pixart"], 107.766, 74.420),
+    "deep_cache": ([*DEEP_CACHE, "accel=deep_cache"], 149.438, 57.888),
+    "deep_cache_tgate": ([*DEEP_CACHE, "accel=tgate_deep_cache", "accel.tgate.gate_step=13",
+                          "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0", "accel.tgate.branch=uncond"],
+                         149.438, 43.868),
     "lcm_sdxl": (["model=sdxl_lcm", "accel=tgate_lcm", "sampler.steps=4", "sampler.cfg_scale=1"], 11.955, 11.171),
+    "lcm_pixart_alpha": (["model=lcm_pixart_alpha", "accel=tgate_lcm", "sampler.steps=4", "sampler.cfg_scale=1"],
+                         8.563, 7.623),
 }
 
 
@@ -114,7 +124,16 @@ README = {
 @pytest.mark.parametrize("name", sorted(README))
 def test_full_size_counts_reproduce_the_tgate_readme(name):
     """Full-size models on meta (~10-40 s each on 2 CPU cores)."""
-    overrides, base, gated = README[name]
+    overrides, base, accelerated = README[name]
     result = count_config(_compose_macs(*overrides))
     assert result["baseline"]["macs_paper"] / 1e12 == pytest.approx(base, rel=0.005)
-    assert result["accelerated"]["macs_paper"] / 1e12 == pytest.approx(gated, rel=0.005)
+    assert result["accelerated"]["macs_paper"] / 1e12 == pytest.approx(accelerated, rel=0.005)
+
+
+def test_every_readme_row_is_in_the_readme_with_its_command():
+    """The README's MACs table shows each row's paper value and the command that reproduces it."""
+    readme = (ROOT / "README.md").read_text()
+    for overrides, base, accelerated in README.values():
+        command = "python scripts/count_macs.py " + " ".join(overrides)
+        assert command in readme, command
+        assert f"{accelerated:.3f}T" in readme and f"{base:.3f}T" in readme

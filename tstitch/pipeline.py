@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .pipeline_compat import check_denoiser_pair
+from .rules import check_rule
 from .schedule import resolve_fractions
 from .stitched import StitchedDenoiser
 
@@ -52,12 +53,19 @@ def _stitched_class(cls: type) -> type:
                     raise ValueError(f"ratio={r} is the two-model shorthand; this pipeline stitches "
                                      f"{len(stitched.models)} models: give fractions=[...]")
                 call_fractions = resolve_fractions(r, fractions, num_models=len(stitched.models))
-            with stitched.trajectory(self.scheduler, call_fractions):
+            with stitched.trajectory(self.scheduler, call_fractions, lcm=_is_lcm_pipeline(self)):
                 return cls.__call__(self, *args, **kwargs)
 
         _CLASSES[cls] = type(f"TStitch{cls.__name__}", (cls,), {"__call__": __call__, "_tstitch_base": cls,
                                                                  "__module__": cls.__module__})
     return _CLASSES[cls]
+
+
+def _is_lcm_pipeline(pipe) -> bool:
+    """Upstream's stitched LCM pipeline (its `floor` rule is i / n <= r) is a LatentConsistencyModelPipeline."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    return isinstance(pipe, LatentConsistencyModelPipeline)
 
 
 def _as_list(small):
@@ -101,25 +109,31 @@ def _display_name(source, fallback: str) -> str:
     return str(path) if path else fallback
 
 
-def check_stitch_settings(small, ratio: float | None = 0.5, fractions=None, **load_kwargs) -> None:
+def check_stitch_settings(small, ratio: float | None = 0.5, fractions=None, rule: str = "index",
+                          timestep_form: str = "dit", **load_kwargs) -> None:
     """The checks of `stitch_pipeline` that need no pipeline (run configs call this before loading)."""
     sources = _as_list(small)
     resolve_fractions(None if fractions is not None else ratio, fractions, num_models=len(sources) + 1)
+    check_rule(rule, timestep_form)
     for source in sources:
         if isinstance(source, (str, Path)) and Path(source).is_absolute() and not Path(source).is_dir():
             raise ValueError(f"small model {str(source)!r}: no such folder")
 
 
-def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, **load_kwargs):
+def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, rule: str = "index",
+                    timestep_form: str = "dit", **load_kwargs):
     """Stitch `small` (one model, or a list in run order for several) before `pipe`'s own denoiser.
 
     small: a hub id, a local folder (a pipeline folder or a bare denoiser folder), a pipeline
     object or a denoiser module. ratio: the small model's fraction of the steps (two models);
-    fractions: one per model, in run order, the pipeline's own denoiser last. load_kwargs go
-    to `from_pretrained` (variant, torch_dtype, subfolder, ...). Returns `pipe`, changed in place.
+    fractions: one per model, in run order, the pipeline's own denoiser last. rule: which
+    model runs each step (tstitch.rules: `index`, `floor` = upstream's stitched pipelines,
+    `timestep`). load_kwargs go to `from_pretrained` (variant, torch_dtype, subfolder, ...).
+    Returns `pipe`, changed in place.
     """
     if is_stitched(pipe):
         raise ValueError("this pipeline is stitched already: call tstitch.unstitch_pipeline(pipe) first")
+    check_rule(rule, timestep_form)
     name = denoiser_name(pipe)
     large = getattr(pipe, name)
     sources = _as_list(small)
@@ -131,7 +145,8 @@ def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, **lo
     for model, model_name in zip(smalls, names):
         check_denoiser_pair(model, large, model_name, names[-1], controlnet=controlnet)
     smalls = [_placed_like(m, large) for m in smalls]
-    stitched = StitchedDenoiser(smalls + [large], fractions=fractions, names=names)
+    stitched = StitchedDenoiser(smalls + [large], fractions=fractions, names=names, rule=rule,
+                                timestep_form=timestep_form)
     original_class = type(pipe)
     pipe.__class__ = _stitched_class(original_class)
     # bypass DiffusionPipeline.__setattr__: the config keeps naming the original component class
@@ -151,14 +166,16 @@ def unstitch_pipeline(pipe):
 
 
 def get_tstitch_pipeline(large, small, ratio: float = 0.5, fractions=None, pipeline_class=None, device=None,
-                         small_kwargs: dict | None = None, **from_pretrained_kwargs):
+                         small_kwargs: dict | None = None, rule: str = "index", timestep_form: str = "dit",
+                         **from_pretrained_kwargs):
     """A stitched pipeline from hub ids, local folders or pipeline objects.
 
     large: a pipeline object, or a hub id / folder loaded with `pipeline_class`
     (default `DiffusionPipeline`, which reads the folder's pipeline class; with a
     `controlnet=` argument `AutoPipelineForText2Image`, which picks the ControlNet pipeline).
     from_pretrained_kwargs (torch_dtype, variant, controlnet, safety_checker, ...) go to the
-    large pipeline's `from_pretrained`; small_kwargs to the small model's.
+    large pipeline's `from_pretrained`; small_kwargs to the small model's. rule / timestep_form:
+    as stitch_pipeline (`floor` reproduces upstream's stitched pipelines).
     """
     if isinstance(large, (str, Path)):
         if pipeline_class is None:
@@ -169,7 +186,8 @@ def get_tstitch_pipeline(large, small, ratio: float = 0.5, fractions=None, pipel
         large = pipeline_class.from_pretrained(str(large), **from_pretrained_kwargs)
     elif from_pretrained_kwargs:
         raise ValueError(f"{sorted(from_pretrained_kwargs)}: loading arguments need a hub id or folder as `large`")
-    pipe = stitch_pipeline(large, small, ratio=ratio, fractions=fractions, **(small_kwargs or {}))
+    pipe = stitch_pipeline(large, small, ratio=ratio, fractions=fractions, rule=rule, timestep_form=timestep_form,
+                           **(small_kwargs or {}))
     return pipe.to(device) if device is not None else pipe
 
 

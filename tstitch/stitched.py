@@ -1,9 +1,10 @@
 """A stitched denoiser that stands in for a diffusers pipeline's `unet` (or `transformer`).
 
 The pipeline's own `__call__` runs unchanged: it calls `pipe.unet(...)` once (or more) per
-step, and this module hands each call to the model whose turn it is, with the step rule of
-the native hook (`model_per_step`: with n steps and small fraction r the small model runs
-the first round(r n) steps).
+step, and this module hands each call to the model whose turn it is, by the rules of the
+native hook (tstitch.rules: `index`, the default, gives the small model the first
+round(r n) steps; `floor` is upstream's stitched pipelines' `(i + 1) / n <= r`, `i / n <= r`
+for its LCM pipeline; `timestep` tests each step's scheduler timestep).
 
 Which step a call belongs to comes from the pipeline's scheduler, not from the timestep
 value (no host sync per call):
@@ -29,7 +30,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .schedule import model_per_step, resolve_fractions
+from .rules import check_rule, models_for_steps
+from .schedule import resolve_fractions
 
 
 def _position(timesteps, timestep) -> int:
@@ -46,9 +48,11 @@ class _Trajectory:
     """Per-call state: scheduler updates counted so far and, from the first model call on,
     the model index of every step."""
 
-    def __init__(self, scheduler, fractions: list[float]):
+    def __init__(self, scheduler, fractions: list[float], rule: str = "index", timestep_form: str = "dit",
+                 lcm: bool = False):
         self.scheduler = scheduler
         self.fractions = fractions
+        self.rule, self.timestep_form, self.lcm = rule, timestep_form, lcm
         self.order = max(int(getattr(scheduler, "order", 1) or 1), 1)
         self.updates = 0                 # scheduler.step calls in this run
         self.per_step: list[int] | None = None
@@ -64,7 +68,11 @@ class _Trajectory:
             if begin is None:
                 begin = _position(timesteps, timestep)
             calls = len(timesteps) - int(begin)
-            self.per_step = model_per_step(self.fractions, max(math.ceil(calls / self.order), 1))
+            n = max(math.ceil(calls / self.order), 1)
+            # the timestep rule reads each step's timestep: one host copy per run, only for that rule
+            steps = torch.as_tensor(timesteps)[int(begin)::self.order].tolist() if self.rule == "timestep" else None
+            self.per_step = models_for_steps(self.fractions, n, self.rule, timesteps=steps,
+                                             timestep_form=self.timestep_form, lcm=self.lcm)
         return self.per_step
 
     def step_index(self) -> int:
@@ -82,13 +90,16 @@ class StitchedDenoiser(nn.Module):
     (an LCM-LoRA model, stitched with a distilled LCM UNet).
     """
 
-    def __init__(self, models, fractions=None, ratio: float | None = None, names=None):
+    def __init__(self, models, fractions=None, ratio: float | None = None, names=None, rule: str = "index",
+                 timestep_form: str = "dit"):
         super().__init__()
         models = list(models)
         if len(models) < 2:
             raise ValueError(f"a stitched denoiser needs at least two models, got {len(models)}")
+        check_rule(rule, timestep_form)
         self.models = nn.ModuleList(models)
         self.fractions = resolve_fractions(ratio, fractions, num_models=len(models))
+        self.rule, self.timestep_form = rule, timestep_form
         self.names = list(names) if names is not None else [f"model{j}" for j in range(len(models))]
         self._trajectory: _Trajectory | None = None
         # what ran in the last pipeline call: model index per step, and (step, model index) per call
@@ -122,13 +133,14 @@ class StitchedDenoiser(nn.Module):
 
     # -- one pipeline call -----------------------------------------------------------------
     @contextmanager
-    def trajectory(self, scheduler, fractions=None):
-        """Bracket one pipeline call that uses `scheduler` (fractions: this call only)."""
+    def trajectory(self, scheduler, fractions=None, lcm: bool = False):
+        """Bracket one pipeline call that uses `scheduler` (fractions: this call only; lcm: the call is
+        a latent-consistency pipeline's, whose `floor` rule is upstream's LCM one)."""
         if self._trajectory is not None:
             raise RuntimeError("this stitched denoiser is already inside a pipeline call (calls do not nest)")
         fractions = self.fractions if fractions is None else resolve_fractions(fractions=fractions,
                                                                                num_models=len(self.models))
-        run = _Trajectory(scheduler, fractions)
+        run = _Trajectory(scheduler, fractions, self.rule, self.timestep_form, lcm)
         had_own = "step" in vars(scheduler)
         previous = scheduler.step
 
