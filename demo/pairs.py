@@ -75,7 +75,7 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         weights={"large": "model.ckpt", "small": "accel.models.small.ckpt"},
         requires=("exp/digits_stitch_0.4.yaml",),
         num_classes=10, sampler="ddim", steps=50, cfg_scale=1.5, fraction=0.4,
-        gate_step=30, sp_interval=3, fi_interval=1, warm_up=2,
+        gate_step=30, sp_interval=3, fi_interval=1, warm_up=2, tgate_accel="tstitch_digits_tgate",
         labels="0, 1, 2, 3, 4, 5, 6, 7, 8, 9", num_samples=10, max_batch=500, quality="digits",
         note="The pair trained on scikit-learn's 8x8 digits and shipped in checkpoints/digits/: "
              "seconds per click on a CPU.",

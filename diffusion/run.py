@@ -69,6 +69,11 @@ def model_names(configs) -> list[str]:
 
 def check_config(cfg: DictConfig) -> torch.Tensor:
     """Every check that needs no model, before any work; returns the class labels."""
+    accel = cfg.accel
+    if (accel.get("pipeline") or {}) and not (accel.get("hooks") or {}) and not (accel.get("models") or {}):
+        raise ValueError(f"accel={accel.name!r} acts on diffusers pipelines (accel.pipeline) and has nothing for "
+                         f"{cfg.model.name!r}, a native model; use e.g. accel=tstitch, accel=tgate, "
+                         f"accel=deep_cache or accel=none")
     for c in model_configs(cfg):
         if c.get("count_only", False):  # e.g. model=sdxl: an architecture for scripts/count_macs.py
             raise ValueError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "

@@ -1,0 +1,193 @@
+"""Every experiment (configs/exp/*.yaml, globbed: experiments added later are covered) has its
+baseline, `+exp=NAME accel=none`: the same model, sampler, steps, guidance, seeds and inputs with no
+acceleration, which composes and samples (tiny stand-ins for the weights); and every accel config
+composes with it and is either accepted by the checks that run before any model or refused with
+a ValueError that says why."""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import tiny_sd as t
+from conftest import CONFIGS, TINY_VAE
+from diffusion.run import build_denoiser, build_hooks, call_target, check_config, model_configs, model_names
+from diffusion.run import run_from_config
+from diffusion.solvers import NoiseSchedule, build_solver
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
+ACCELS = sorted(p.stem for p in (CONFIGS / "accel").glob("*.yaml"))
+# what an experiment's run is made of, apart from the acceleration
+SAME = ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "prompts",
+        "prompts_file", "negative_prompt", "images", "grid_by_label")
+
+
+def test_there_are_experiments_and_accel_configs():
+    assert "digits_stitch_0.4" in EXPERIMENTS and {"none", "tstitch", "tgate", "deep_cache"} <= set(ACCELS)
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_accel_none_is_the_same_run_without_acceleration(compose_sample, exp):
+    full, base = compose_sample(f"+exp={exp}"), compose_sample(f"+exp={exp}", "accel=none")
+    assert base.accel.name == "none"
+    assert not base.accel.models and not base.accel.hooks and not base.accel.pipeline
+    for key in SAME:
+        assert OmegaConf.select(base, key) == OmegaConf.select(full, key), key
+
+
+# --- tiny stand-ins for each kind of model an experiment can name --------------------------------
+
+TINY_DIT = {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}
+TINY_LDM_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [2], "num_res_blocks": 1}
+TINY_PIPELINES = {  # pipeline_class -> (builder, extra call arguments)
+    "diffusers.StableDiffusionPipeline": (lambda: t.sd_pipeline(0), {}),
+    "diffusers.StableDiffusionXLPipeline": (lambda: t.sdxl_pipeline(0), {}),
+    "diffusers.PixArtAlphaPipeline": (lambda: t.pixart_pipeline(0),
+                                      {"use_resolution_binning": False, "clean_caption": False}),
+}
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def tiny_config(compose_sample, exp: str, folder, tiny_vae_dir, *extra):
+    """`+exp=exp accel=none` (plus extra) with the model (and first stage) swapped for tiny random stand-ins
+    of the same kind, so that the run is seconds on a CPU; everything else is the experiment's."""
+    overrides = [f"+exp={exp}", "accel=none", "progress=false", "device=cpu", "num_threads=1", *extra]
+    cfg = compose_sample(*overrides)
+    if cfg.model.get("kind") == "pipeline":
+        cls = cfg.model.pipeline_class
+        if cls not in TINY_PIPELINES:
+            pytest.fail(f"experiment {exp}: no tiny stand-in for {cls}; add one to TINY_PIPELINES")
+        build, call = TINY_PIPELINES[cls]
+        build().save_pretrained(folder)
+        cfg = compose_sample(*overrides, f"model.source={folder}", "model.image_size=16", "sampler.steps=2",
+                             "num_samples=2", "batch_size=2")
+        cfg.model.load, cfg.model.components = OmegaConf.create({}), OmegaConf.create({})  # no fp16 files, no hub
+        cfg.model.call = OmegaConf.create({**_plain(cfg.model.call), **call})
+        return cfg
+    target = cfg.model._target_
+    cfg = compose_sample(*overrides, "sampler.steps=2", "num_samples=2", "batch_size=2")
+    if target == "dit.build_dit" and cfg.model.get("arch") is not None and cfg.model.ckpt:  # shipped weights
+        return cfg
+    OmegaConf.set_struct(cfg, False)  # the stand-ins add keys (a DiT's arch)
+    cfg.pretrained = False
+    if target == "dit.build_dit":
+        cfg.model.arch = OmegaConf.create(TINY_DIT)
+        cfg.model.image_size = 32
+    elif target == "ldm.build_ldm":
+        cfg.model.unet = OmegaConf.create({**_plain(cfg.model.unet), **TINY_LDM_UNET})
+        cfg.model.image_size = 32
+    else:
+        pytest.fail(f"experiment {exp}: no tiny stand-in for model target {target}; add one to tiny_config")
+    if cfg.vae.get("source"):  # the SD VAE: a tiny one of the same layout
+        cfg.vae.source = str(tiny_vae_dir)
+        cfg.vae.arch = OmegaConf.create({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_VAE.items()})
+    elif cfg.vae.get("config") is not None:  # a CompVis first stage: as narrow as GroupNorm(32) allows
+        cfg.vae.config.params.ddconfig.ch = 32
+    return cfg
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_accel_none_baseline_samples(compose_sample, exp, tmp_path, tiny_vae_dir):
+    cfg = tiny_config(compose_sample, exp, tmp_path / "pipe", tiny_vae_dir)
+    metrics = run_from_config(cfg, tmp_path / "run")
+    assert metrics["accel"] == "none" and metrics["num_images"] == 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["accel"] == "none"
+    if cfg.model.get("kind") != "pipeline":
+        assert metrics["steps_per_model"] == {cfg.model.name: 2}  # the large model alone
+        assert "tstitch_rule" not in metrics
+    else:
+        assert metrics["steps_per_model"] is None and metrics["steps"] == 2
+
+
+# --- every accel config with every experiment ----------------------------------------------------
+
+def _unet_pipeline(cfg) -> bool:
+    return str(cfg.model._target_).endswith("UNet2DConditionModel")
+
+
+def must_apply(cfg, own: str, accel: str) -> bool:
+    """The accel configs each kind of experiment must accept (others may be refused, with a reason);
+    own: the accel config the experiment itself picks."""
+    if accel in ("none", own):
+        return True
+    if cfg.model.get("kind") == "pipeline":
+        common = {"tgate", "tgate_sdxl", "tgate_pixart", "tstitch_pipeline", "tstitch_pipeline_tgate"}
+        return accel in common | ({"deep_cache", "tgate_deep_cache", "tstitch_pipeline_deep_cache"}
+                                  if _unet_pipeline(cfg) else set())
+    if cfg.model._target_ == "ldm.build_ldm":
+        return accel in {"tgate", "deep_cache", "tgate_deep_cache"} | (
+            {"tstitch_ldm", "tstitch_ldm_tgate"} if own == "tstitch_ldm" else set())
+    if own == "tstitch_digits":
+        return accel in {"tgate", "tstitch_digits_tgate"}
+    return accel in {"tgate", "tstitch", "tstitch_tgate", "tstitch_sbxl"}  # DiT-XL/2 with T-Stitch's DiT-S/B
+
+
+_meta_models: dict = {}  # built once per set of model configs (meta: no memory, no weights)
+_own_accel: dict = {}  # experiment -> the accel config it picks
+
+
+def _meta_denoisers(cfg, factor: int, channels: int):
+    """The run's denoisers on `meta` (full size, no memory), built once per set of model configs."""
+    configs = model_configs(cfg)
+    key = json.dumps([_plain(c) for c in configs], sort_keys=True)
+    if key not in _meta_models:
+        with torch.device("meta"):
+            _meta_models[key] = [build_denoiser(c, cfg.model.image_size // factor, pretrained=False, device="meta")
+                                 for c in configs]
+    models = _meta_models[key]
+    for c, m in zip(configs, models):  # as run_from_config checks once the models are built
+        if getattr(m, "in_channels", channels) != channels:
+            raise ValueError(f"model {c.name} takes {m.in_channels} latent channels, the VAE makes {channels}")
+    return models
+
+
+def checks_before_any_model(cfg):
+    """What a run checks before loading weights: pipelines their call and accel entries; native runs
+    the config, solver and hooks, then (on meta copies) the hooks against the models they act on."""
+    if cfg.model.get("kind") == "pipeline":
+        from diffusion.pipeline_run import check_pipeline_config
+
+        check_pipeline_config(cfg)
+        return
+    check_config(cfg)
+    solver = build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
+                          learned_variance=bool(cfg.model.get("learn_sigma", False)), eta=cfg.sampler.get("eta", 0.0),
+                          spacing=cfg.sampler.get("spacing"))
+    hooks = build_hooks(cfg)
+    if cfg.vae.get("_target_"):
+        with torch.device("meta"):
+            stage = call_target(cfg.vae, pretrained=False, device="meta")
+        factor, channels = stage.factor, stage.latent_channels
+    elif cfg.vae.get("source") is None:
+        factor, channels = 1, cfg.vae.channels
+    else:  # the SD VAE of vae.arch
+        blocks = cfg.vae.arch.block_out_channels
+        factor, channels = 2 ** (len(blocks) - 1), cfg.vae.arch.latent_channels
+    models = _meta_denoisers(cfg, factor, channels)
+    names = model_names(model_configs(cfg))
+    try:
+        for hook in hooks:
+            hook.attach(models, names, solver)
+    finally:
+        for hook in hooks:
+            hook.detach()
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+@pytest.mark.parametrize("accel", ACCELS)
+def test_every_accel_config_composes_with_every_experiment(compose_sample, exp, accel):
+    if exp not in _own_accel:
+        _own_accel[exp] = compose_sample(f"+exp={exp}").accel.name
+    own = _own_accel[exp]
+    cfg = compose_sample(f"+exp={exp}", f"accel={accel}")  # never a composition error
+    assert cfg.accel.name == accel
+    if must_apply(cfg, own, accel):
+        checks_before_any_model(cfg)
+    else:
+        try:
+            checks_before_any_model(cfg)
+        except ValueError as error:  # refused: with words, naming what does not fit
+            assert str(error), (exp, accel)
