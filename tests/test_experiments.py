@@ -191,3 +191,10 @@ def test_every_accel_config_composes_with_every_experiment(compose_sample, exp, 
             checks_before_any_model(cfg)
         except ValueError as error:  # refused: with words, naming what does not fit
             assert str(error), (exp, accel)
+
+
+def test_readme_shows_every_experiment_with_its_baseline_command():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    for exp in EXPERIMENTS:
+        assert f"python scripts/sample.py +exp={exp}`" in readme, exp
+        assert f"python scripts/sample.py +exp={exp} accel=none" in readme, exp

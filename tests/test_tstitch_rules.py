@@ -127,13 +127,14 @@ def test_configs_pick_the_form_of_the_upstream_code(compose_sample):
 
 
 def test_a_native_run_uses_the_rule_and_records_it(compose_sample, tmp_path):
-    common = ["+exp=digits_stitch_0.4", "sampler.steps=25", "accel.tstitch.ratio=0.1", "num_samples=2",
-              "batch_size=2", "labels=[3,7]", "progress=false"]
-    metrics = run_from_config(compose_sample(*common, "accel.tstitch.rule=timestep"), tmp_path / "t")
+    common = ["+exp=digits_stitch_0.4", "sampler.steps=25", "num_samples=2", "batch_size=2", "labels=[3,7]",
+              "progress=false"]
+    stitch = [*common, "accel.tstitch.ratio=0.1"]
+    metrics = run_from_config(compose_sample(*stitch, "accel.tstitch.rule=timestep"), tmp_path / "t")
     assert list(metrics["steps_per_model"].values()) == [3, 22]
     assert metrics["tstitch_rule"] == "timestep" and metrics["tstitch_timestep_form"] == "dit"
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["tstitch_rule"] == "timestep"
-    metrics = run_from_config(compose_sample(*common), tmp_path / "i")
+    metrics = run_from_config(compose_sample(*stitch), tmp_path / "i")
     assert list(metrics["steps_per_model"].values()) == [2, 23] and metrics["tstitch_rule"] == "index"
     plain = run_from_config(compose_sample(*common, "accel=none"), tmp_path / "n")
     assert "tstitch_rule" not in plain
