@@ -269,7 +269,7 @@ def test_accel_deep_cache_on_a_pipeline_through_the_configs(compose_sample, sd_f
 
 
 @pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
-@pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache", "tstitch_pipeline_deep_cache"])
+@pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl", "tstitch_pipeline_deep_cache"])
 def test_deep_cache_configs_compose_for_the_unet_pipelines(compose_sample, model, accel):
     from diffusion.pipeline_run import check_pipeline_config
 
@@ -299,3 +299,23 @@ def test_sampler_hook_counts_diffusers_unet_macs_step_by_step():
     assert [c == per_forward for c in costs] == [True, False, False, True, False, False, True]
     assert 0 < costs[1] == costs[2] < per_forward / 2
     assert not hasattr(unet, "_diffusers_hook")
+
+
+def test_stitched_and_cached_pipeline_run_through_the_configs(compose_sample, sd_folder, tmp_path):
+    from tstitch import stitch_pipeline
+
+    small = tmp_path / "small_unet"
+    t.sd_unet(7, widths=(8, 16)).save_pretrained(small)
+    both = ["accel=tstitch_pipeline_deep_cache", f"accel.tstitch.small={small}", "accel.tstitch.ratio=0.5"]
+    metrics = run_from_config(compose_sample(*_overrides(sd_folder, *both)), tmp_path / "both")
+    assert list(metrics["steps_per_model"].values()) == [3, 3] and metrics["accel"] == "tstitch_pipeline_deep_cache"
+
+    def stitched_then_cached(pipe):
+        stitch_pipeline(pipe, str(small), ratio=0.5)
+        return apply_deep_cache(pipe, cache_interval=3, cache_branch_id=0)
+
+    want = _manual(sd_folder, stitched_then_cached)
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want))
+    stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={small}", "accel.tstitch.ratio=0.5"]
+    run_from_config(compose_sample(*_overrides(sd_folder, *stitched)), tmp_path / "stitched")
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched")))

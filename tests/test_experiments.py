@@ -115,7 +115,7 @@ def must_apply(cfg, own: str, accel: str) -> bool:
         return True
     if cfg.model.get("kind") == "pipeline":
         common = {"tgate", "tgate_sdxl", "tgate_pixart", "tstitch_pipeline", "tstitch_pipeline_tgate"}
-        return accel in common | ({"deep_cache", "tgate_deep_cache", "tstitch_pipeline_deep_cache"}
+        return accel in common | ({"deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl", "tstitch_pipeline_deep_cache"}
                                   if _unet_pipeline(cfg) else set())
     if cfg.model._target_ == "ldm.build_ldm":
         return accel in {"tgate", "deep_cache", "tgate_deep_cache"} | (
