@@ -27,8 +27,8 @@ def folders(tmp_path_factory):
     """Tiny saved pipelines: SD3 "large" and "small" (Medium-like), FLUX "dev" and "lite"."""
     root = tmp_path_factory.mktemp("mmdit")
     m.sd3_pipeline(seed=0).save_pretrained(root / "sd3_large")
-    m.sd3_pipeline(seed=0, transformer=m.sd3_transformer(seed=7, num_layers=1, head_dim=4,
-                                                         dual_attention_layers=(0,))).save_pretrained(root / "sd3_small")
+    small = m.sd3_transformer(seed=7, num_layers=1, head_dim=4, dual_attention_layers=(0,))
+    m.sd3_pipeline(seed=0, transformer=small).save_pretrained(root / "sd3_small")
     m.flux_pipeline(seed=0).save_pretrained(root / "flux_dev")
     m.flux_pipeline(seed=0, transformer=m.flux_transformer(seed=7, num_layers=1)).save_pretrained(root / "flux_lite")
     return root
@@ -37,7 +37,8 @@ def folders(tmp_path_factory):
 def _tiny(folders, exp, large, small, *extra):
     """The experiment on tiny saved pipelines; small=None for accels without a small model (accel=none)."""
     small = [f"accel.models.small.source={folders / small}"] if small is not None else []
-    return [f"+exp={exp}", f"model.source={folders / large}", *small, "model.dtype=float32", "model.image_size=16", "sampler.steps=5", "num_samples=3", "batch_size=2",
+    return [f"+exp={exp}", f"model.source={folders / large}", *small, "model.dtype=float32", "model.image_size=16",
+            "sampler.steps=5", "num_samples=3", "batch_size=2",
             f"prompts={json.dumps(PROMPTS)}", "progress=false", "num_threads=1", "device=cpu", *extra]
 
 

@@ -214,16 +214,18 @@ def test_a_saved_sdxl_pipeline_is_refused_before_its_weights_are_read(tmp_path):
     tiny_sd.sdxl_pipeline(seed=0).save_pretrained(folder)
     for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
         weights.unlink()  # only unet/config.json is left: the refusal must come from the config alone
-    with pytest.raises(ValueError, match=r"cannot stitch .*sdxl into .*: different denoiser classes: .*sdxl is "
-                                         r"UNet2DConditionModel, .* is SD3Transformer2DModel \(their inputs differ too: "
-                                         r"in_channels=4 vs 16"):
+    message = (r"cannot stitch .*sdxl into .*: different denoiser classes: .*sdxl is UNet2DConditionModel, .* is "
+               r"SD3Transformer2DModel \(their inputs differ too: in_channels=4 vs 16")
+    with pytest.raises(ValueError, match=message):
         stitch_pipeline(m.sd3_pipeline(seed=0), str(folder), ratio=0.4)
     # a saved SD3 pipeline folder of the same family loads (its transformer/) and stitches
     small_dir = tmp_path / "sd3_small"
     small = sd3_small()
     m.sd3_pipeline(seed=0, transformer=small).save_pretrained(small_dir)
     pipe = stitch_pipeline(m.sd3_pipeline(seed=0), str(small_dir), ratio=1.0)
-    assert np.array_equal(_run(pipe), _run(m.sd3_pipeline(seed=0, transformer=small)))
+    out = _run(pipe)
+    assert np.array_equal(out, _run(m.sd3_pipeline(seed=0, transformer=small)))
+    assert not np.array_equal(out, _run(m.sd3_pipeline(seed=0)))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -125,8 +125,8 @@ def run_settings(cfg: DictConfig) -> tuple[int, float, bool]:
         scale = check_cfg_scale(cfg.sampler.cfg_scale)
         return int(cfg.sampler.steps), scale, cfg_batch and (scale > 1 if pipeline else scale != 1.0)
     if not pipeline:
-        raise ValueError(f"sampler=pipeline counts a diffusers pipeline's call, but model {cfg.model.name!r} is native; "
-                         "use a native sampler (ddim, ddpm, dpmpp_2m, euler)")
+        raise ValueError(f"sampler=pipeline counts a diffusers pipeline's call, but model {cfg.model.name!r} is "
+                         "native; use a native sampler (ddim, ddpm, dpmpp_2m, euler)")
     from diffusion.pipeline_run import call_arguments
 
     call = call_arguments(cfg)
