@@ -58,6 +58,7 @@ def generate(
     progress: bool = True,
     batches: Sequence[Sequence[int]] | None = None,
     keep_images: bool = True,
+    model_dtype: torch.dtype | None = None,
 ) -> Generation:
     """Sample len(labels) images; sample k gets seed + k and labels[k] whatever the batching.
 
@@ -66,6 +67,7 @@ def generate(
     batches: the sample indices to generate, one list per batch (default: all of them in
     batches of batch_size); a resumed or distributed run passes the ones it owns.
     keep_images=False keeps no image in memory (they are on disk): for large runs.
+    model_dtype: the denoisers' type (precision bf16/fp16); the latents stay float32 (diffusion.sample).
     """
     num_samples = len(labels)
     check_counts(num_samples, batch_size)
@@ -82,7 +84,7 @@ def generate(
         result = sample(
             denoisers, solver, noise, {cond_key: y}, {cond_key: torch.full_like(y, null_label)},
             cfg_scale=cfg_scale, guided_channels=guided_channels, hooks=hooks,
-            generators=generators, progress=progress,
+            generators=generators, progress=progress, model_dtype=model_dtype,
         )
         _synchronize(device)
         t1 = time.perf_counter()

@@ -17,15 +17,18 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from .collect import RankResult, combine, first_steps, write_folder_outputs
+from .compile import CompileStats
 from .generate import check_counts, generate
 from .context import SamplingPlan
 from .distributed import Dist, batches_for_rank
 from .macs import count_macs, count_sampling_macs
 from .outputs import save_json
+from .random_weights import fill_zero_init_layers
 from .resume import SampleFolder, grid_batches, samples_config
 from .sampler import check_cfg_scale
 from .seeding import class_labels
 from .solvers import NoiseSchedule, build_solver, check_solver_args
+from .speed import Speed
 from .vae import load_first_stage
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,9 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
         if c.get("count_only", False):  # e.g. model=sdxl: an architecture for scripts/count_macs.py
             raise ValueError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "
                              "scripts/sample.py samples class-conditional models (DiT) for now")
+        if c.get("kind") == "pipeline":  # e.g. accel=tstitch_sd35's small model beside a native one
+            raise ValueError(f"accel={accel.name!r} adds {c.name!r}, a diffusers pipeline model, to {cfg.model.name!r}, "
+                             "a native model; stitch native models with accel=tstitch (or tstitch_ldm, tstitch_digits)")
     check_counts(cfg.num_samples, cfg.batch_size)
     check_cfg_scale(cfg.sampler.cfg_scale)
     check_solver_args(cfg.sampler.name, cfg.sampler.steps, cfg.sampler.get("eta", 0.0), cfg.sampler.get("spacing"),
@@ -91,15 +97,22 @@ def build_hooks(cfg: DictConfig) -> list:
     return [call_target(node) for node in (cfg.accel.get("hooks") or {}).values()]
 
 
-def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str):
+def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str,
+                   keep_zero_init: bool = False):
     """Call the model config's `_target_` builder with its build keys.
 
-    pretrained=False means random weights: any `ckpt` of the config is ignored.
+    pretrained=False means random weights: any `ckpt` of the config is ignored, and the layers the
+    model's init zeroes (DiT's adaLN-Zero) are drawn small and non-zero from torch's global stream,
+    so the output depends on the input (diffusion/random_weights.py). keep_zero_init: keep the
+    model's own init instead (training starts from it).
     """
     build_cfg = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
     if not pretrained and "ckpt" in build_cfg:
         build_cfg["ckpt"] = None
-    return call_target(build_cfg, input_size=input_size, pretrained=pretrained).to(device).eval()
+    model = call_target(build_cfg, input_size=input_size, pretrained=pretrained)
+    if not pretrained and not keep_zero_init:
+        fill_zero_init_layers(model)
+    return model.to(device).eval()
 
 
 def _forward_macs(model, cond_key: str, latent_shape: tuple[int, int, int], rows: int) -> dict[str, int]:
@@ -125,7 +138,8 @@ def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int]
     for hook in hooks:
         hook.attach(models, names, solver)
     scale = float(cfg.sampler.cfg_scale)
-    plan = SamplingPlan(solver.num_steps, len(models), 1, scale, scale != 1.0, tuple(range(solver.num_steps)))
+    _, model_steps = solver.reset()  # the run's model timesteps (T-Stitch's timestep rule reads them)
+    plan = SamplingPlan(solver.num_steps, len(models), 1, scale, scale != 1.0, tuple(model_steps.tolist()))
 
     def count_step(ctx, rows: int) -> dict[str, int]:
         return _forward_macs(models[ctx.model_index], keys[ctx.model_index], latent_shape, rows)
@@ -180,15 +194,23 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
 
 def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     labels = check_config(cfg)
+    device = dist.device(resolve_device(cfg.device))
+    speed = Speed.from_config(cfg, device)  # precision resolved (auto -> tf32 on CUDA, fp32 on CPU), compile checked
     # --- resume (diffusion/resume.py): read-only checks before any work ---
     folder = SampleFolder(out_dir, cfg.num_samples)
-    folder_config = samples_config(cfg)
+    folder_config = samples_config(cfg, precision=speed.precision)
     folder.check_config(folder_config)
     if folder.is_done():
         log.info("%s already holds the %d samples (done marker): nothing to do", out_dir, cfg.num_samples)
         return folder.previous_metrics()
     # --- end resume ---
-    device = dist.device(resolve_device(cfg.device))
+    with speed.matmuls():
+        return _sample_into_folder(cfg, folder, folder_config, labels, device, speed, dist)
+
+
+def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: dict, labels: torch.Tensor,
+                        device: torch.device, speed: Speed, dist: Dist) -> dict:
+    out_dir = folder.dir
     image_size = int(cfg.model.image_size)
     hooks = build_hooks(cfg)
     configs = model_configs(cfg)
@@ -204,7 +226,8 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
         if image_size % stage.factor:
             raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
         latent_size = image_size // stage.factor
-        models = [build_denoiser(c, latent_size, cfg.pretrained, device) for c in configs]
+        models = [speed.cast(build_denoiser(c, latent_size, cfg.pretrained, device)) for c in configs]
+    stage.to(speed.dtype)
     latent_channels = stage.latent_channels
     for name, model in zip(names, models):
         if getattr(model, "in_channels", latent_channels) != latent_channels:
@@ -223,25 +246,30 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     for hook in hooks:
         hook.attach(models, names, solver)
     macs_per_forward, macs_per_image = run_macs(cfg, configs, names, latent_shape, solver)
+    for model in models:  # in place and lazy: the first forwards compile (timed apart, below)
+        speed.compile_model(model)
 
     # --- scale-out and resume: rank 0 claims the folder, the missing batches are dealt over ranks ---
     missing = dist.broadcast(folder.prepare(folder_config) if dist.is_main else None)
     batches = batches_for_rank(grid_batches(missing, cfg.batch_size), dist)
-    log.info("sampling %d of %d images (rank %d of %d: %d batches) with %s, %s x%d, accel=%s, on %s into %s",
-             len(missing), cfg.num_samples, dist.rank, dist.world_size, len(batches), " -> ".join(names),
-             cfg.sampler.name, solver.num_steps, cfg.accel.name, device, out_dir)
+    log.info("sampling %d of %d images (rank %d of %d: %d batches) with %s, %s x%d, accel=%s, %s, compile=%s, "
+             "on %s into %s", len(missing), cfg.num_samples, dist.rank, dist.world_size, len(batches),
+             " -> ".join(names), cfg.sampler.name, solver.num_steps, cfg.accel.name, speed.precision, speed.compile,
+             device, out_dir)
     try:
-        result = generate(
-            models, solver, stage.decode,
-            latent_shape=latent_shape, labels=labels,
-            null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-            cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
-            hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=folder.dir, progress=cfg.progress,
-            batches=batches, keep_images=False,
-        )
+        with CompileStats() as compiled:
+            result = generate(
+                models, solver, stage.decode,
+                latent_shape=latent_shape, labels=labels,
+                null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
+                hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=folder.dir, progress=cfg.progress,
+                batches=batches, keep_images=False, model_dtype=speed.dtype,
+            )
     finally:
         for hook in hooks:
             hook.detach()
+    result.sampling_seconds -= compiled.seconds  # compiling happened inside the first forwards: reported apart
     results = dist.gather(RankResult.of(result))  # also the barrier: every rank's PNGs are on disk
     metrics = None
     if dist.is_main:
@@ -266,6 +294,8 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
             "seed": int(cfg.seed),
             "device": str(device),
             "image_size": image_size,
+            **speed.as_metrics(),  # precision resolved (auto -> fp32 / tf32), compile mode
+            **compiled.as_metrics(),  # this process's compile seconds (not in sampling_seconds), graphs, recompiles
         }
         save_json(metrics, folder.dir / "metrics.json")
         folder.mark_done({"num_generated_last_run": metrics["num_generated"]})

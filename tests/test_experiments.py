@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import tiny_mmdit as mm
 import tiny_sd as t
 from conftest import CONFIGS, TINY_VAE
 from diffusion.run import build_denoiser, build_hooks, call_target, check_config, model_configs, model_names
@@ -44,6 +45,8 @@ TINY_PIPELINES = {  # pipeline_class -> (builder, extra call arguments)
     "diffusers.StableDiffusionXLPipeline": (lambda: t.sdxl_pipeline(0), {}),
     "diffusers.PixArtAlphaPipeline": (lambda: t.pixart_pipeline(0),
                                       {"use_resolution_binning": False, "clean_caption": False}),
+    "diffusers.StableDiffusion3Pipeline": (lambda: mm.sd3_pipeline(0), {}),
+    "diffusers.FluxPipeline": (lambda: mm.flux_pipeline(0), {}),
 }
 
 
@@ -65,6 +68,7 @@ def tiny_config(compose_sample, exp: str, folder, tiny_vae_dir, *extra):
         cfg = compose_sample(*overrides, f"model.source={folder}", "model.image_size=16", "sampler.steps=2",
                              "num_samples=2", "batch_size=2")
         cfg.model.load, cfg.model.components = OmegaConf.create({}), OmegaConf.create({})  # no fp16 files, no hub
+        cfg.model.dtype = "float32"
         cfg.model.call = OmegaConf.create({**_plain(cfg.model.call), **call})
         return cfg
     target = cfg.model._target_
@@ -104,19 +108,21 @@ def test_accel_none_baseline_samples(compose_sample, exp, tmp_path, tiny_vae_dir
 
 # --- every accel config with every experiment ----------------------------------------------------
 
-def _unet_pipeline(cfg) -> bool:
-    return str(cfg.model._target_).endswith("UNet2DConditionModel")
-
-
 def must_apply(cfg, own: str, accel: str) -> bool:
     """The accel configs each kind of experiment must accept (others may be refused, with a reason);
     own: the accel config the experiment itself picks."""
     if accel in ("none", own):
         return True
     if cfg.model.get("kind") == "pipeline":
+        denoiser = str(cfg.model._target_).rsplit(".", 1)[-1]
         common = {"tgate", "tgate_sdxl", "tgate_pixart", "tstitch_pipeline", "tstitch_pipeline_tgate"}
-        return accel in common | ({"deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl", "tstitch_pipeline_deep_cache"}
-                                  if _unet_pipeline(cfg) else set())
+        return accel in {
+            "UNet2DConditionModel": common | {"deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl",
+                                              "tstitch_pipeline_deep_cache"},
+            "PixArtTransformer2DModel": common,
+            "SD3Transformer2DModel": {"tgate_sd3", "tstitch_sd35", "tstitch_sd35_tgate"},  # truncation alone
+            "FluxTransformer2DModel": {"tstitch_flux"},  # guidance-distilled: nothing for T-GATE to act on
+        }.get(denoiser, set())
     if cfg.model._target_ == "ldm.build_ldm":
         return accel in {"tgate", "deep_cache", "tgate_deep_cache"} | (
             {"tstitch_ldm", "tstitch_ldm_tgate"} if own == "tstitch_ldm" else set())

@@ -83,7 +83,9 @@ def models_for_steps(fractions: list[float], num_steps: int, rule: str = "index"
         return model_per_step(fractions, num_steps)
     if rule == "floor":
         return [_floor(fractions, i, num_steps, lcm) for i in range(num_steps)]
-    if timesteps is None or len(timesteps) < num_steps:
-        raise ValueError(f"tstitch rule=timestep needs the model timestep of each of the {num_steps} steps")
+    if timesteps is None or len(timesteps) < num_steps or any(t is None for t in list(timesteps)[:num_steps]):
+        raise ValueError(f"tstitch rule=timestep needs the model timestep of each of the {num_steps} steps; they "
+                         "are not known here (e.g. scripts/count_macs.py with sampler=pipeline does not build the "
+                         "pipeline's scheduler): use rule=index or rule=floor, or a native sampler")
     pick = _timestep_dit if timestep_form == "dit" else _timestep_ldm
     return [pick(fractions, float(t)) for t in list(timesteps)[:num_steps]]
