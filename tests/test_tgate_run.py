@@ -23,7 +23,8 @@ def test_every_tgate_accel_config_composes_into_hooks(compose_sample, accel):
     gate = [h for h in hooks if isinstance(h, TGateHook)]
     assert len(gate) == 1 and cfg.accel.name == accel
     assert gate[0].config.gate_step == cfg.accel.tgate.gate_step
-    text_settings = ("tgate_sdxl", "tgate_pixart", "tgate_lcm", "tstitch_pipeline_tgate")  # the reference's: uncond
+    text_settings = ("tgate_sdxl", "tgate_pixart", "tgate_lcm", "tstitch_pipeline_tgate",  # the reference's: uncond
+                     "tgate_deep_cache_sdxl")
     assert gate[0].config.branch == ("uncond" if accel in text_settings else "cond")
 
 
