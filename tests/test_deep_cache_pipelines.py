@@ -26,7 +26,22 @@ def _sd_two_resnets(seed=0):
     return t.sd_pipeline(seed, unet=unet)
 
 
-PIPELINES = {"sd_two_resnets": _sd_two_resnets, "sd": lambda: t.sd_pipeline(0), "sdxl": lambda: t.sdxl_pipeline(0)}
+def _tgate_parity_pipeline(kind):
+    """The tiny pipelines the tgate 1.0.0 parity cases run (tests/tiny_pipelines.py)."""
+    import tiny_pipelines
+
+    def build():
+        pipe = getattr(tiny_pipelines, kind)()
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return pipe
+
+    return build
+
+
+PIPELINES = {"sd_two_resnets": _sd_two_resnets, "sd": lambda: t.sd_pipeline(0), "sdxl": lambda: t.sdxl_pipeline(0),
+             "tgate_cases_sd": _tgate_parity_pipeline("sd"), "tgate_cases_sdxl": _tgate_parity_pipeline("sdxl")}
 
 
 def _call(pipe, **extra):
@@ -266,6 +281,26 @@ def test_accel_deep_cache_on_a_pipeline_through_the_configs(compose_sample, sd_f
     config = tgate.TGateConfig(gate_step=3, sp_interval=1, fi_interval=1, warm_up=0)
     want = _manual(sd_folder, lambda p: tgate.apply_tgate(p, config), lambda p: apply_deep_cache(p, 3, 0))
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want))
+
+
+def test_accel_deep_cache_on_an_sdxl_pipeline_through_the_configs(compose_sample, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "sdxl"
+    t.sdxl_pipeline(0).save_pretrained(folder)
+    common = ["model=sdxl", "sampler=pipeline", f"model.source={folder}", "model.load.variant=null",
+              "model.image_size=64", "sampler.steps=6", "num_samples=1", "batch_size=1", "prompts=[a red car]",
+              "progress=false", "device=cpu"]
+    run_from_config(compose_sample(*common, "accel=deep_cache", "accel.deep_cache.cache_branch_id=3"), tmp_path / "dc")
+    run_from_config(compose_sample(*common), tmp_path / "plain")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    with apply_deep_cache(pipe, cache_interval=3, cache_branch_id=3):
+        out = pipe("a red car", num_inference_steps=6, guidance_scale=5.0, height=64, width=64, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images[0]
+    want = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+    ours, plain = _pngs(tmp_path / "dc", 1)[0], _pngs(tmp_path / "plain", 1)[0]
+    assert (ours == want).all() and not (ours == plain).all()
 
 
 @pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
