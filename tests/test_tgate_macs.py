@@ -120,9 +120,10 @@ README = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(README))
 def test_full_size_counts_reproduce_the_tgate_readme(name):
-    """Full-size models on meta (2 to 14 s each on 2 CPU cores; SD-XL the longest)."""
+    """Full-size models on meta (2 to 14 s each on 2 CPU cores, SD-XL the longest; ~45 s for all)."""
     overrides, base, accelerated = README[name]
     result = count_config(_compose_macs(*overrides))
     assert result["baseline"]["macs_paper"] / 1e12 == pytest.approx(base, rel=0.005)
