@@ -12,6 +12,7 @@ load adds it: `model.ckpt=/path/x.pt: truncated ...`.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import zipfile
@@ -104,17 +105,28 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as err:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(9)
-        header = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+        raise CheckpointError(path, _safetensors_problem(path, err)) from None
+
+
+def _safetensors_problem(path: Path, err: Exception) -> str:
+    """What is wrong with a safetensors file that did not load: 8 bytes of header length, a JSON
+    header giving each tensor's byte range, then the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+        length = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
         if len(head) < 9 or head[8:9] != b"{":
-            problem = f"not a safetensors file (the file starts with {head!r})"
-        elif 8 + header > size:
-            problem = f"truncated: {size} bytes, its header alone says {8 + header}; {AGAIN}"
-        else:
-            problem = f"damaged ({size} bytes; safetensors: {_first_line(err)}); {AGAIN}"
-        raise CheckpointError(path, problem) from None
+            return f"not a safetensors file (the file starts with {head[:8]!r})"
+        if 8 + length > size:
+            return f"truncated: {size} bytes, its header alone takes {8 + length}; {AGAIN}"
+        try:
+            header = json.loads(b"{" + f.read(length - 1))
+            end = 8 + length + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"damaged: its header is not valid; {AGAIN}"
+    if end > size:
+        return f"truncated: {size} bytes of the {end} its header describes; {AGAIN}"
+    return f"damaged ({size} bytes; safetensors: {_first_line(err)}); {AGAIN}"
 
 
 def check_finite(tensors, path: str | Path) -> None:

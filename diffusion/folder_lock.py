@@ -51,8 +51,9 @@ def not_writable(key: str, folder: Path, err: OSError) -> ReportedError:
 class _Held:
     """An acquired lock: the open lock file (the kernel's lock lives on it) and a nesting count."""
 
-    def __init__(self, folder: Path, fd: int | None):
+    def __init__(self, folder: Path, fd: int | None, created: bool):
         self.folder, self.fd, self.count, self.thread = folder, fd, 1, threading.get_ident()
+        self.created = created  # made by the claim: removed again if the run left it empty
 
     def release(self) -> None:
         with _GUARD:
@@ -67,6 +68,11 @@ class _Held:
             except OSError:
                 pass
             os.close(self.fd)  # drops the lock
+            if self.created:
+                try:
+                    self.folder.rmdir()  # only if empty: a refused bad setting leaves no trace
+                except OSError:
+                    pass
 
 
 _HELD: dict[Path, _Held] = {}
@@ -93,6 +99,7 @@ def _holder_info() -> bytes:
 
 
 def _lock(folder: Path, key: str) -> _Held:
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -113,7 +120,7 @@ def _lock(folder: Path, key: str) -> _Held:
             os.close(fd)
             log.warning("%s: file locks are not supported here (%s): running without the one-run-per-folder lock",
                         folder, err.strerror)
-            return _Held(folder, None)
+            return _Held(folder, None, False)
         try:
             current = os.stat(lock_path)
             mine = os.fstat(fd)
@@ -128,7 +135,7 @@ def _lock(folder: Path, key: str) -> _Held:
     except OSError as err:
         os.close(fd)
         raise not_writable(key, folder, err) from None
-    return _Held(folder, fd)
+    return _Held(folder, fd, created)
 
 
 def acquire(folder: str | Path, key: str = "out_dir") -> _Held:

@@ -68,7 +68,7 @@ def test_checkpoint_round_trips_in_the_official_layout(compose_train, tmp_path):
     cfg = compose_train("steps=3", "ckpt_every=3", f"export={tmp_path / 'export.pt'}")
     train(cfg, tmp_path)
     state = load_train_state(tmp_path / "checkpoints" / "0000003.pt")
-    assert set(state) == {"model", "ema", "opt", "config", "step"} and state["step"] == 3
+    assert set(state) == {"model", "ema", "opt", "config", "step", "losses"} and state["step"] == 3
     assert state["config"]["model"]["arch"]["hidden_size"] == 32 and state["config"]["lr"] == 1e-3
     # no temporary files left next to the checkpoints (written under a temporary name, then renamed)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003.pt"]
