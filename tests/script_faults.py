@@ -31,13 +31,13 @@ def _patch_sampling() -> None:
     def save(images, indices, out_dir):
         calls.append(1)
         if len(calls) == int(os.environ.get("FAULT_FILL_AT_BATCH", 0)):
-            with open(os.environ["FAULT_FILL_PATH"], "wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                        f.flush()
-                except OSError:
+            fd = os.open(os.environ["FAULT_FILL_PATH"], os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
                     pass
+            except OSError:  # full
+                pass
+            os.close(fd)
         if len(calls) == int(os.environ.get("FAULT_ENOSPC_AT_BATCH", 0)):
             real_write = Path.write_bytes
 
