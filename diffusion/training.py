@@ -173,10 +173,13 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
             bar.set_postfix(loss=f"{mean:.4f}", mse=f"{losses['mse'].mean().item():.4f}",
                             vb=f"{losses['vb'].mean().item():.4f}")
             log.info("step %d loss %.4f (mean of the last %d steps)", done, mean, len(window))
-            window.clear()
+            if done % cfg.log_every == 0:
+                window.clear()  # (a last step off the log grid keeps it: a resumed run carries it on)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            # the log on the grid and the losses since: a resumed run logs exactly what an uninterrupted one does
+            on_grid = [h for h in history if h[0] % cfg.log_every == 0]
             saved = save_checkpoint(out_dir / "checkpoints" / checkpoint_name(done), train_state(
-                model, ema, opt, done, config, {"history": history, "window": window}))
+                model, ema, opt, done, config, {"history": on_grid, "window": window}))
             log.info("saved %s", saved)
     bar.close()
     seconds = time.perf_counter() - t0

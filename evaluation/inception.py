@@ -15,6 +15,7 @@ Score uses (the softmax over the graph's 1008 outputs, from its final layer).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -71,7 +72,9 @@ def check_inception_weights(weights: str | Path | None, key: str = "inception_we
     except FileNotFoundError as err:
         raise UserError.setting(key, weights, str(err)) from None
     try:  # the real architecture on `meta`: key and shape checks, no memory, no init time
-        with torch.device("meta"), mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
+        with torch.device("meta"), mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op": what we want here
             pfi.fid_inception_v3()
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

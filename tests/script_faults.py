@@ -7,11 +7,14 @@ Usage: python tests/script_faults.py SCRIPT [hydra overrides ...], settings in t
 * FAULT_FILL_AT_BATCH=N, FAULT_FILL_PATH=PATH: before the N-th batch's PNGs are written, fill the
   file system holding PATH (a small tmpfs) with PATH itself: the run meets a real ENOSPC;
 * FAULT_ENOSPC_AT_BATCH=N: the same simulated (where no small file system can be mounted): writes
-  of the N-th batch's PNGs raise OSError(ENOSPC) as a full disk would.
+  of the N-th batch's PNGs raise OSError(ENOSPC) as a full disk would;
+* FAULT_KILL_AFTER_CHECKPOINT=N: training is killed (SIGKILL, no cleanup) right after its
+  checkpoint of step N is written.
 """
 import errno
 import importlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,9 +57,23 @@ def _patch_sampling() -> None:
     generate.save_sample_pngs = save
 
 
+def _patch_training() -> None:
+    training = importlib.import_module("diffusion.training")
+    real_save, kill_at = training.save_checkpoint, os.environ.get("FAULT_KILL_AFTER_CHECKPOINT")
+
+    def save(path, payload):
+        saved = real_save(path, payload)
+        if kill_at is not None and payload.get("step") == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+    training.save_checkpoint = save
+
+
 if __name__ == "__main__":
     script = sys.argv[1]
     sys.path.insert(0, str(Path(script).resolve().parent))
     _patch_sampling()
+    _patch_training()
     sys.argv = [script] + sys.argv[2:]
     exec(compile(open(script).read(), script, "exec"), {"__name__": "__main__"})
