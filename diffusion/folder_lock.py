@@ -54,13 +54,14 @@ class _Held:
     def __init__(self, folder: Path, fd: int | None, created: bool):
         self.folder, self.fd, self.count, self.thread = folder, fd, 1, threading.get_ident()
         self.created = created  # made by the claim: removed again if the run left it empty
+        self.key = folder.resolve()
 
     def release(self) -> None:
         with _GUARD:
             self.count -= 1
             if self.count:
                 return
-            _HELD.pop(self.folder, None)
+            _HELD.pop(self.key, None)
             if self.fd is None:
                 return
             try:
@@ -146,13 +147,14 @@ def acquire(folder: str | Path, key: str = "out_dir") -> _Held:
     """
     folder = Path(folder).absolute()
     with _GUARD:
-        held = _HELD.get(folder)
+        held = _HELD.get(folder.resolve())  # one entry however the path is spelled (symlinks)
         if held is not None:
             if held.thread != threading.get_ident():
                 raise FolderBusyError(f"{key}={folder}: in use by another run of this process (pid {os.getpid()})")
             held.count += 1
             return held
-        held = _HELD[folder] = _lock(folder, key)
+        held = _lock(folder, key)
+        _HELD[held.key] = held
         return held
 
 

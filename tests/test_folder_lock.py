@@ -56,8 +56,11 @@ def test_a_folder_held_by_a_live_process_is_refused_and_freed_by_kill_9(tmp_path
 
 def test_the_lock_nests_in_one_thread_and_refuses_another_thread(tmp_path):
     folder = tmp_path / "run"
+    (tmp_path / "link").symlink_to(tmp_path)
     with claim_folder(folder):
         with claim_folder(folder):  # run_from_config inside the scripts' claim
+            pass
+        with claim_folder(tmp_path / "link" / "run"):  # the same folder spelled through a symlink
             pass
         assert (folder / LOCK_FILE).is_file()  # still held by the outer claim
         errors = []
