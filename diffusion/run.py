@@ -24,6 +24,7 @@ from .distributed import Dist, batches_for_rank
 from .folder_lock import claim_folder
 from .macs import count_macs, count_sampling_macs
 from .outputs import save_json
+from .random_weights import fill_zero_init_layers
 from .resume import SampleFolder, grid_batches, samples_config
 from .sampler import check_cfg_scale
 from .seeding import class_labels
@@ -93,15 +94,22 @@ def build_hooks(cfg: DictConfig) -> list:
     return [call_target(node) for node in (cfg.accel.get("hooks") or {}).values()]
 
 
-def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str):
+def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str,
+                   keep_zero_init: bool = False):
     """Call the model config's `_target_` builder with its build keys.
 
-    pretrained=False means random weights: any `ckpt` of the config is ignored.
+    pretrained=False means random weights: any `ckpt` of the config is ignored, and the layers the
+    model's init zeroes (DiT's adaLN-Zero) are drawn small and non-zero from torch's global stream,
+    so the output depends on the input (diffusion/random_weights.py). keep_zero_init: keep the
+    model's own init instead (training starts from it).
     """
     build_cfg = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in SAMPLING_KEYS}
     if not pretrained and "ckpt" in build_cfg:
         build_cfg["ckpt"] = None
-    return call_target(build_cfg, input_size=input_size, pretrained=pretrained).to(device).eval()
+    model = call_target(build_cfg, input_size=input_size, pretrained=pretrained)
+    if not pretrained and not keep_zero_init:
+        fill_zero_init_layers(model)
+    return model.to(device).eval()
 
 
 def _forward_macs(model, cond_key: str, latent_shape: tuple[int, int, int], rows: int) -> dict[str, int]:

@@ -118,7 +118,7 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
         raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's factor {factor}")
 
     torch.manual_seed(int(cfg.seed))  # the initial weights
-    model = build_denoiser(cfg.model, image_size // factor, pretrained=False, device=device).train()
+    model = build_denoiser(cfg.model, image_size // factor, pretrained=False, device=device, keep_zero_init=True).train()
     if getattr(model, "in_channels", channels) != channels:
         raise ValueError(f"the model takes {model.in_channels} channels, the data (after the VAE) has {channels}")
     ema = make_ema(model)

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffusion.outputs import save_json
+from diffusion.random_weights import fill_zero_init_layers
 from diffusion.run import resolve_device
 from diffusion.solvers import build_solver
 from dit import build_dit
@@ -27,7 +28,11 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     latent = cfg.image_size // 8
-    small, large = (build_dit(name, input_size=latent).to(device) for name in (cfg.small, cfg.large))
+    torch.manual_seed(0)
+    small, large = (build_dit(name, input_size=latent) for name in (cfg.small, cfg.large))
+    for model in (small, large):  # random weights as pretrained=false draws them: outputs that depend on the input
+        fill_zero_init_layers(model)
+    small, large = small.to(device), large.to(device)
     solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
     rows = time_ratios(small, large, solver, list(cfg.ratios), latent_shape=(4, latent, latent),
                        batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, repeats=cfg.repeats,

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.outputs import save_json
+from diffusion.random_weights import fill_zero_init_layers
 from diffusion.run import resolve_device
 from diffusion.solvers import build_solver
 from dit import build_dit
@@ -30,7 +31,10 @@ def main(cfg: DictConfig) -> None:
     with torch.device("meta"):
         macs = predicted_macs(build_dit(cfg.denoiser, input_size=latent), cfg.image_size, cfg.steps,
                               cfg.cfg_scale != 1, settings)
-    model = build_dit(cfg.denoiser, input_size=latent).to(device).eval()
+    torch.manual_seed(0)
+    model = build_dit(cfg.denoiser, input_size=latent)
+    fill_zero_init_layers(model)  # random weights as pretrained=false draws them: attention that matters
+    model = model.to(device).eval()
     solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
     times = time_gating(model, solver, settings, latent_shape=(4, latent, latent), batch_size=cfg.batch_size,
                         cfg_scale=cfg.cfg_scale, repeats=cfg.repeats, warmup=cfg.warmup, device=device)

@@ -58,6 +58,33 @@ def compose_sample():
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture
+def run_latents(monkeypatch):
+    """run_latents(folder) -> the final latents (N, C, h, w) a run_from_config into folder made, batches in order.
+
+    A random-weight model does not denoise: its first step's x0 estimate (x - sqrt(1-a) eps) / sqrt(a)
+    is ~100x the noise, and the decoded images of two runs that differ only in later steps (a gate,
+    the stitch point) differ by a grey level or two at most. Latents show every step's change, so
+    comparisons of variants are made on them (and images are compared bitwise where equal)."""
+    import diffusion.run as run
+
+    recorded: dict[Path, list[torch.Tensor]] = {}
+    real_generate = run.generate
+
+    def recording_generate(denoisers, solver, decode, **kwargs):
+        batches = recorded.setdefault(Path(kwargs["out_dir"]), [])
+
+        def recording_decode(latents):
+            batches.append(latents.detach().float().cpu().clone())
+            return decode(latents)
+
+        return real_generate(denoisers, solver, recording_decode, **kwargs)
+
+    monkeypatch.setattr(run, "generate", recording_generate)
+
+    return lambda folder: torch.cat(recorded[Path(folder)])
+
+
 @pytest.fixture(scope="session")
 def tiny_pipelines_dir(tmp_path_factory) -> Path:
     """Folder for tests/tiny_pipelines.save_tiny: each tiny pipeline is saved there once per session."""

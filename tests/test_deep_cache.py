@@ -70,6 +70,7 @@ def test_interval_one_is_the_plain_model_bitwise():
     plain = _ours(unet, 5)
     assert torch.equal(_ours(unet, 5, [DeepCacheHook(cache_interval=1, cache_branch_id=0)]), plain)
     assert torch.equal(_ours(unet, 5), plain)  # and the hook left nothing behind
+    assert _rel(_ours(unet, 5, [DeepCacheHook(cache_interval=2, cache_branch_id=0)]), plain) > 1e-3  # can fail
 
 
 @torch.no_grad()

@@ -267,7 +267,9 @@ def test_scalar_timestep_broadcasts():
     x = torch.randn(2, 4, 8, 8)
     y = torch.tensor([1, 2])
     with torch.no_grad():
-        torch.testing.assert_close(model(x, torch.tensor(7), y), model(x, torch.tensor([7, 7]), y))
+        scalar = model(x, torch.tensor(7), y)
+        torch.testing.assert_close(scalar, model(x, torch.tensor([7, 7]), y))
+        assert not torch.allclose(scalar, model(x, torch.tensor([8, 8]), y))  # the timestep is not ignored
 
 
 # ---------------------------------------------------------------------------

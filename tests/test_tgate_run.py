@@ -39,22 +39,35 @@ def test_tgate_run_writes_steps_and_gated_macs(compose_sample, tmp_path):
     assert gated["macs_per_image"] > 0
 
 
-def test_gate_off_run_gives_the_plain_images(compose_sample, tmp_path):
+def test_gate_off_run_gives_the_plain_images(compose_sample, tmp_path, run_latents):
     import numpy as np
+    import torch
 
     run_from_config(compose_sample(*TINY), tmp_path / "plain")
     off = ["accel=tgate", "accel.tgate.gate_step=7", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
     run_from_config(compose_sample(*TINY, *off), tmp_path / "off")
     a, b = (np.load(tmp_path / x / "samples.npz")["arr_0"] for x in ("plain", "off"))
     np.testing.assert_array_equal(a, b)
+    assert torch.equal(run_latents(tmp_path / "off"), run_latents(tmp_path / "plain"))
+    # guidance dropped at the last step only (gate_step 5 of 6) already changes the latents: the test can fail
+    last = ["accel=tgate", "accel.tgate.gate_step=5", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
+    run_from_config(compose_sample(*TINY, *last), tmp_path / "last")
+    plain, gated = run_latents(tmp_path / "plain"), run_latents(tmp_path / "last")
+    assert plain.abs().max() > 0 and (gated - plain).abs().max() > 1e-3
 
 
-def test_tstitch_tgate_run(compose_sample, tmp_path):
+def test_tstitch_tgate_run(compose_sample, tmp_path, run_latents):
     cfg = compose_sample(*TINY, "accel=tstitch_tgate", *GATE, "accel.tstitch.ratio=0.5")
     assert list(cfg.accel.hooks) == ["tstitch", "tgate"] and cfg.accel.name == "tstitch_tgate"
-    metrics = run_from_config(cfg, tmp_path)
+    metrics = run_from_config(cfg, tmp_path / "both")
     assert metrics["steps_per_model"] == {"DiT-S/2": 3, "DiT-S/2#2": 3}
     assert metrics["accel"] == "tstitch_tgate" and metrics["macs_per_image"] > 0
+    # the two DiT-S/2 are two random models, and gating acts on them: each part changes the latents
+    run_from_config(compose_sample(*TINY, "accel=tstitch", "accel.tstitch.ratio=0.5"), tmp_path / "stitch")
+    run_from_config(compose_sample(*TINY, "accel=tgate", *GATE), tmp_path / "gate")
+    both, stitch, gate = (run_latents(tmp_path / k) for k in ("both", "stitch", "gate"))
+    assert both.abs().max() > 0
+    assert (both - stitch).norm() > 1e-3 * both.norm() and (both - gate).norm() > 1e-3 * both.norm()
 
 
 @pytest.mark.parametrize("override,message", [

@@ -184,5 +184,19 @@ def test_ratio_sweep_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [json.loads((tmp_path / str(k) / "metrics.json").read_text()) for k in range(2)]
     assert [r["steps_per_model"] for r in runs] == [{"DiT-S/2": 0, "DiT-S/4": 5}, {"DiT-S/2": 5, "DiT-S/4": 0}]
-    for k in range(2):
-        assert np.load(tmp_path / str(k) / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+    images = [np.load(tmp_path / str(k) / "samples.npz")["arr_0"] for k in range(2)]
+    assert all(a.shape == (2, 32, 32, 3) for a in images)
+    assert not np.array_equal(*images)  # all DiT-S/4 vs all DiT-S/2: random weights that act
+
+
+def test_stitch_point_changes_the_run_with_random_weights(compose_sample, tmp_path, run_latents):
+    """pretrained=false: ratio 0.4 differs from both ends (DiT-S/4 alone, DiT-S/2 alone), which differ too."""
+    from diffusion.run import run_from_config
+
+    latents = {}
+    for ratio in (0.0, 0.4, 1.0):
+        run_from_config(compose_sample("+exp=dit_stitch_0.4", *TINY, f"accel.tstitch.ratio={ratio}"), tmp_path / str(ratio))
+        latents[ratio] = run_latents(tmp_path / str(ratio))
+    assert all(x.abs().max() > 0 for x in latents.values())
+    for a, b in ((0.4, 0.0), (0.4, 1.0), (0.0, 1.0)):
+        assert (latents[a] - latents[b]).norm() > 1e-3 * latents[b].norm(), (a, b)
