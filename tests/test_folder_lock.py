@@ -130,7 +130,6 @@ def test_two_concurrent_runs_into_one_folder_do_not_mix(compose_sample, tmp_path
     assert not (folder / LOCK_FILE).exists()
 
 
-@pytest.mark.slow
 def test_torchrun_ranks_share_one_lock(compose_sample, tmp_path):
     """Under torchrun rank 0 locks the folder for all ranks: two ranks into one explicit folder run
     (if each rank locked it, rank 1 would be refused), and write the images of one process."""
