@@ -59,6 +59,7 @@ def generate(
     progress: bool = True,
     batches: Sequence[Sequence[int]] | None = None,
     keep_images: bool = True,
+    model_dtype: torch.dtype | None = None,
     model_names: Sequence[str] = (),
 ) -> Generation:
     """Sample len(labels) images; sample k gets seed + k and labels[k] whatever the batching.
@@ -68,6 +69,7 @@ def generate(
     batches: the sample indices to generate, one list per batch (default: all of them in
     batches of batch_size); a resumed or distributed run passes the ones it owns.
     keep_images=False keeps no image in memory (they are on disk): for large runs.
+    model_dtype: the denoisers' type (precision bf16/fp16); the latents stay float32 (diffusion.sample).
     A batch whose latents hold NaN or inf after its last step stops the run before it is
     decoded or written (diffusion.finite; model_names name the models in the message).
     """
@@ -86,7 +88,7 @@ def generate(
         result = sample(
             denoisers, solver, noise, {cond_key: y}, {cond_key: torch.full_like(y, null_label)},
             cfg_scale=cfg_scale, guided_channels=guided_channels, hooks=hooks,
-            generators=generators, progress=progress,
+            generators=generators, progress=progress, model_dtype=model_dtype,
         )
         _synchronize(device)
         t1 = time.perf_counter()

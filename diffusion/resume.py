@@ -33,15 +33,22 @@ log = logging.getLogger(__name__)
 
 DONE = "done"
 CONFIG_FILE = "samples_config.json"
-# config keys that change how a run is carried out, not which image sample k is
+# config keys that change how a run is carried out, not which image sample k is (compile: the same
+# graphs, equal to eager up to float rounding)
 RUN_ONLY_KEYS = ("num_samples", "batch_size", "device", "num_threads", "progress", "grid_by_label",
-                 "grid_max", "logger", "evaluate", "hydra")
+                 "grid_max", "logger", "evaluate", "hydra", "compile", "compile_backend")
 
 
-def samples_config(cfg: DictConfig) -> dict:
-    """The resolved config minus RUN_ONLY_KEYS: equal for two runs whose sample k are the same image."""
+def samples_config(cfg: DictConfig, precision: str | None = None) -> dict:
+    """The resolved config minus RUN_ONLY_KEYS: equal for two runs whose sample k are the same image.
+
+    precision: the run's resolved precision (`auto` becomes fp32 on a CPU, tf32 on CUDA), recorded
+    instead of the setting, so that a folder begun on a CPU is not resumed on a GPU in another type."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+    config = {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+    if precision is not None:
+        config["precision"] = precision
+    return config
 
 
 def _differences(a, b, prefix="") -> list[str]:

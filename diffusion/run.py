@@ -17,6 +17,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from .collect import RankResult, combine, first_steps, write_folder_outputs
+from .compile import CompileStats
 from .generate import check_counts, generate
 from .context import SamplingPlan
 from .checkpoint_files import checkpoint_setting
@@ -29,6 +30,7 @@ from .resume import SampleFolder, grid_batches, samples_config
 from .sampler import check_cfg_scale
 from .seeding import class_labels
 from .solvers import NoiseSchedule, build_solver, check_solver_args
+from .speed import Speed
 from .vae import load_first_stage
 
 log = logging.getLogger(__name__)
@@ -184,15 +186,23 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
 
 def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     labels = check_config(cfg)
+    device = dist.device(resolve_device(cfg.device))
+    speed = Speed.from_config(cfg, device)  # precision resolved (auto -> tf32 on CUDA, fp32 on CPU), compile checked
     # --- resume (diffusion/resume.py): read-only checks before any work ---
     folder = SampleFolder(out_dir, cfg.num_samples, image_size=int(cfg.model.image_size))
-    folder_config = samples_config(cfg)
+    folder_config = samples_config(cfg, precision=speed.precision)
     folder.check_config(folder_config)
     if dist.on_main(folder.is_done):  # rank 0 decodes the PNGs on disk once
         log.info("%s already holds the %d samples (done marker): nothing to do", out_dir, cfg.num_samples)
         return folder.previous_metrics()
     # --- end resume ---
-    device = dist.device(resolve_device(cfg.device))
+    with speed.matmuls():
+        return _sample_into_folder(cfg, folder, folder_config, labels, device, speed, dist)
+
+
+def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: dict, labels: torch.Tensor,
+                        device: torch.device, speed: Speed, dist: Dist) -> dict:
+    out_dir = folder.dir
     image_size = int(cfg.model.image_size)
     hooks = build_hooks(cfg)
     configs = model_configs(cfg)
@@ -212,7 +222,8 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
         models = []
         for key, c in zip(model_keys(cfg), configs):
             with checkpoint_setting(f"{key}.ckpt"):  # read errors name the setting
-                models.append(build_denoiser(c, latent_size, cfg.pretrained, device))
+                models.append(speed.cast(build_denoiser(c, latent_size, cfg.pretrained, device)))
+    stage.to(speed.dtype)
     latent_channels = stage.latent_channels
     for name, model in zip(names, models):
         if getattr(model, "in_channels", latent_channels) != latent_channels:
@@ -231,25 +242,30 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     for hook in hooks:
         hook.attach(models, names, solver)
     macs_per_forward, macs_per_image = run_macs(cfg, configs, names, latent_shape, solver)
+    for model in models:  # in place and lazy: the first forwards compile (timed apart, below)
+        speed.compile_model(model)
 
     # --- scale-out and resume: rank 0 claims the folder, the missing batches are dealt over ranks ---
     missing = dist.broadcast(folder.prepare(folder_config) if dist.is_main else None)
     batches = batches_for_rank(grid_batches(missing, cfg.batch_size), dist)
-    log.info("sampling %d of %d images (rank %d of %d: %d batches) with %s, %s x%d, accel=%s, on %s into %s",
-             len(missing), cfg.num_samples, dist.rank, dist.world_size, len(batches), " -> ".join(names),
-             cfg.sampler.name, solver.num_steps, cfg.accel.name, device, out_dir)
+    log.info("sampling %d of %d images (rank %d of %d: %d batches) with %s, %s x%d, accel=%s, %s, compile=%s, "
+             "on %s into %s", len(missing), cfg.num_samples, dist.rank, dist.world_size, len(batches),
+             " -> ".join(names), cfg.sampler.name, solver.num_steps, cfg.accel.name, speed.precision, speed.compile,
+             device, out_dir)
     try:
-        result = generate(
-            models, solver, stage.decode,
-            latent_shape=latent_shape, labels=labels,
-            null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-            cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
-            hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=folder.dir, progress=cfg.progress,
-            batches=batches, keep_images=False, model_names=names,
-        )
+        with CompileStats() as compiled:
+            result = generate(
+                models, solver, stage.decode,
+                latent_shape=latent_shape, labels=labels,
+                null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
+                hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=folder.dir, progress=cfg.progress,
+                batches=batches, keep_images=False, model_dtype=speed.dtype, model_names=names,
+            )
     finally:
         for hook in hooks:
             hook.detach()
+    result.sampling_seconds -= compiled.seconds  # compiling happened inside the first forwards: reported apart
     results = dist.gather(RankResult.of(result))  # also the barrier: every rank's PNGs are on disk
     metrics = None
     if dist.is_main:
@@ -273,6 +289,8 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
             "seed": int(cfg.seed),
             "device": str(device),
             "image_size": image_size,
+            **speed.as_metrics(),  # precision resolved (auto -> fp32 / tf32), compile mode
+            **compiled.as_metrics(),  # this process's compile seconds (not in sampling_seconds), graphs, recompiles
         }
         save_json(metrics, folder.dir / "metrics.json")
         folder.mark_done({"num_generated_last_run": metrics["num_generated"]})

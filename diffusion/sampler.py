@@ -37,6 +37,19 @@ def _cat_cond(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def _cast_floats(cond: dict, dtype: torch.dtype | None) -> dict:
+    """Floating conditioning tensors (text context) in the network's type; labels stay integers."""
+    if dtype is None:
+        return cond
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+
+
+def network_output(out: torch.Tensor) -> torch.Tensor:
+    """A network's output as the sampler works on it: float32, whatever type the network ran in
+    (guidance and the solver update in bf16 would round every step's latents)."""
+    return out.float()
+
+
 @torch.no_grad()
 def sample(
     denoisers: Callable | Sequence[Callable],
@@ -51,12 +64,16 @@ def sample(
     generators: list[torch.Generator] | None = None,
     callback: Callable[[StepContext, torch.Tensor], None] | None = None,
     progress: bool = True,
+    model_dtype: torch.dtype | None = None,
 ) -> SampleResult:
     """Run the solver from `noise` (B, C, H, W) to x_0.
 
     cond / uncond: keyword tensors for the denoiser, batch B each; guidance runs the
     two as one 2B batch while cfg_scale != 1 and no hook has turned it off.
     generators: B per-sample generators for stochastic solvers (DDPM, DDIM eta > 0).
+    model_dtype: the type the denoisers' weights are in (precision=bf16/fp16): each step's
+    input is cast to it and the output back to float32, so the latents, the guidance
+    combination and the solver stay float32 (None: inputs go in as they are).
     """
     models = list(denoisers) if isinstance(denoisers, Sequence) else [denoisers]
     cfg_scale = check_cfg_scale(cfg_scale)
@@ -71,6 +88,7 @@ def sample(
     n = len(sched_steps)
     plan = SamplingPlan(n, len(models), B, cfg_scale, use_cfg, tuple(model_steps.tolist()))
     model_t = model_steps.to(device)  # (n,) moved once: no per-step host->device copies
+    cond, uncond = _cast_floats(cond, model_dtype), _cast_floats(uncond, model_dtype) if uncond is not None else None
     both = _cat_cond(cond, uncond) if use_cfg else None
     counts, evals = [0] * len(models), [0] * len(models)
 
@@ -84,13 +102,15 @@ def sample(
             hook.step(ctx)
         model = models[ctx.model_index]
         x_in = scheduler.scale_model_input(x, step_t)
+        if model_dtype is not None:
+            x_in = x_in.to(model_dtype)
         if ctx.guidance:
-            out = model(torch.cat([x_in, x_in]), torch.cat([ctx.t, ctx.t]), **both)
+            out = network_output(model(torch.cat([x_in, x_in]), torch.cat([ctx.t, ctx.t]), **both))
             out_cond, out_uncond = out.chunk(2)
             out = apply_cfg(out_cond, out_uncond, cfg_scale, eps_channels=C, guided_channels=guided_channels)
         else:
             branch = cond if ctx.branch == "cond" else uncond
-            out = model(x_in, ctx.t, **branch)
+            out = network_output(model(x_in, ctx.t, **branch))
         if not solver.learned_variance:
             out = out[:, :C]  # solvers other than learned-range DDPM take eps only
         x = scheduler.step(out, step_t, x, generator=generators, **solver.step_kwargs).prev_sample

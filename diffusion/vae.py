@@ -84,6 +84,12 @@ class FirstStage:
         self.latent_channels = vae.config.latent_channels if vae is not None else int(channels)
         self.factor = downsample_factor(vae) if vae is not None else 1
 
+    def to(self, dtype: torch.dtype) -> FirstStage:
+        """The network in `dtype` (precision bf16/fp16; decode casts the latents to it). Pixel space has none."""
+        if self.vae is not None:
+            self.vae.to(dtype)
+        return self
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, C, h, w) -> (B, H, W, 3) uint8."""
         return to_uint8(latents) if self.vae is None else decode_to_uint8(self.vae, latents)

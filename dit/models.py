@@ -178,6 +178,9 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer over a (C, H, W) latent with class conditioning."""
 
+    # compile=regional compiles each of these once (diffusers' compile_repeated_blocks convention)
+    _repeated_blocks = ("DiTBlock",)
+
     def __init__(
         self,
         input_size: int = 32,

@@ -138,6 +138,10 @@ class UNetModel(nn.Module):
     - `use_linear_in_transformer` (SD 2.x) is accepted as well.
     """
 
+    # compile=regional compiles each of these once (diffusers' compile_repeated_blocks convention);
+    # the forward itself stays eager, so DeepCache's shallow steps need nothing special
+    _repeated_blocks = ("ResBlock", "SpatialTransformer", "AttentionBlock")
+
     def __init__(
         self,
         image_size: int,
@@ -253,7 +257,8 @@ class UNetModel(nn.Module):
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y exactly when the U-Net has num_classes "
                              f"(num_classes={self.num_classes}, y given: {y is not None})")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        features = timestep_embedding(timesteps, self.model_channels)  # float32, then the weights' type
+        emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
         return emb + self.label_emb(y) if y is not None else emb
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

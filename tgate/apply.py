@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 from diffusers.hooks import HookRegistry
 
-from diffusion.attention import find_attention
+from diffusion.attention import find_attention, is_joint_attention
 
 from .config import TGateConfig
 from .module_hook import AttentionGateHook
@@ -45,14 +45,26 @@ def apply_tgate(target, config: TGateConfig, state: TGateState | None = None, *,
 
 
 def gate_attention(model: nn.Module, config: TGateConfig, state: TGateState | None = None) -> TGateState:
-    """Wrap the attention modules of `model`; returns the state that drives them."""
+    """Wrap the attention modules of `model`; returns the state that drives them.
+
+    With `config.cache_attention` False no module is wrapped: the state only drives guidance
+    truncation. Joint attention (SD3's MM-DiT blocks, `diffusion.attention.is_joint_attention`)
+    is never caught by the self-attention rules: a model that has it is refused here."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tgate: expected a torch module or a diffusers pipeline, got {type(model).__name__}")
     if state is None:
         state = TGateState(config)
     elif state.config != config:
         raise ValueError(f"state was made for {state.config}, not {config}")
+    if not config.cache_attention:
+        return state  # guidance truncation alone: nothing to wrap
     found = list(find_attention(model))
+    joint = [name for name, module in found if is_joint_attention(module)]
+    if joint:
+        raise ValueError(f"tgate: {type(model).__name__} has joint attention (image and text tokens in one attention, "
+                         f"e.g. {joint[0]!r}; {len(joint)} such modules), which is neither T-GATE's cross- nor its "
+                         f"self-attention, so no caching rule applies; use guidance truncation alone: "
+                         f"TGateConfig(cache_attention=False, branch='cond') (configs: accel=tgate_sd3), or accel=none")
     if not found:
         raise ValueError(f"tgate: {type(model).__name__} has no attention module marked with is_cross_attention")
     for name, module in found:

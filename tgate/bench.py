@@ -24,10 +24,10 @@ def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, setti
 
 
 def time_gating(model, solver, settings: dict, *, latent_shape, batch_size=1, cfg_scale=4.0, null_label=1000,
-                repeats=3, warmup=1, device=torch.device("cpu")) -> dict:
+                repeats=3, warmup=1, device=torch.device("cpu"), model_dtype=None) -> dict:
     """Median sampling time plain and gated, timed alternately so that drift hits both."""
     times = time_with_and_without([model], solver, TGateHook(**settings), latent_shape=latent_shape,
                                   batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, repeats=repeats,
-                                  warmup=warmup, device=device)
+                                  warmup=warmup, device=device, model_dtype=model_dtype)
     return {"baseline": times["baseline"], "gated": times["hooked"],
             "runs": {"baseline": times["runs"]["baseline"], "gated": times["runs"]["hooked"]}}

@@ -21,6 +21,10 @@ class TGateConfig:
     branch: the CFG branch that runs once guidance stops: "uncond" as the reference
     does for text models (their text reaches the model only through the cached
     cross-attention), "cond" for class-conditional DiT (its class enters via adaLN).
+    cache_attention: wrap the attention modules and cache / reuse their outputs (T-GATE);
+    False: guidance truncation alone, no module is wrapped (SD3 / SD3.5, whose text
+    reaches the image through joint attention, which has no T-GATE caching rule; the
+    conditional branch must run then, since no cached attention carries the text).
 
     Defaults are the reference's SD-XL setting.
     """
@@ -31,11 +35,18 @@ class TGateConfig:
     warm_up: int = 2
     lcm: bool = False
     branch: str = "uncond"
+    cache_attention: bool = True
 
     def __post_init__(self):
         check_schedule(self.gate_step, self.sp_interval, self.fi_interval, self.warm_up, self.lcm)
         if self.branch not in BRANCHES:
             raise ValueError(f"tgate branch={self.branch!r}: must be one of {BRANCHES}")
+        if not isinstance(self.cache_attention, bool):
+            raise ValueError(f"tgate cache_attention={self.cache_attention!r}: must be true or false")
+        if not self.cache_attention and self.branch == "uncond":
+            raise ValueError("tgate cache_attention=false (guidance truncation alone) with branch='uncond': no cached "
+                             "attention carries the prompt after the gate, so the unconditional branch would ignore "
+                             "it; use branch='cond'")
 
     def check_guidance(self, use_cfg: bool) -> None:
         """lcm=True promises a denoiser without a CFG batch; refuse a run that has one."""

@@ -7,8 +7,16 @@ nothing is allocated, so full-size SD-XL and PixArt count in seconds.
 Model configs: native ones (`dit.build_dit`) are built as `scripts/sample.py` builds
 them; text-to-image ones carry their published architecture under `arch` and are
 built as `_target_(**arch)` (see configs/model/sdxl.yaml).
+
+Runs: the steps and guidance scale of `sampler` (a native solver); with `sampler=pipeline`
+those of the pipeline call (`model.call`, overridden by `sampler.steps` / `sampler.cfg_scale`),
+a CFG batch when the scale is > 1 unless the model embeds its guidance (`model.cfg_batch:
+false`, FLUX.1). A stitched run counts `accel.models` + `model` with the accel's hooks
+(e.g. `+exp=sd35_stitch_0.4`: SD3.5 Medium for its steps, then SD3.5 Large).
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -43,7 +51,8 @@ def latent_size(model_cfg: DictConfig) -> int:
 
 def denoiser_inputs(model: nn.Module, model_cfg: DictConfig, rows: int) -> tuple[tuple, dict]:
     """Placeholder inputs of the shapes the model's pipeline feeds it, `rows` batch rows."""
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
+                           SD3Transformer2DModel, UNet2DConditionModel)
 
     size = latent_size(model_cfg)
     meta = dict(device="meta")
@@ -68,6 +77,22 @@ def denoiser_inputs(model: nn.Module, model_cfg: DictConfig, rows: int) -> tuple
         if model.use_additional_conditions:  # PixArt-alpha 1024: (height, width) and aspect ratio
             extra = {"resolution": torch.zeros(rows, 2, **meta), "aspect_ratio": torch.zeros(rows, 1, **meta)}
         return (x,), {"encoder_hidden_states": text, "timestep": t, "added_cond_kwargs": extra}
+    if isinstance(model, SD3Transformer2DModel):  # SD3 / SD3.5: (CLIP + T5) joint-attention context, pooled CLIP
+        c = model.config
+        x = torch.zeros(rows, c.in_channels, size, size, **meta)
+        text = torch.zeros(rows, int(model_cfg.text_length), c.joint_attention_dim, **meta)
+        pooled = torch.zeros(rows, c.pooled_projection_dim, **meta)
+        return (), {"hidden_states": x, "timestep": t, "encoder_hidden_states": text, "pooled_projections": pooled}
+    if isinstance(model, FluxTransformer2DModel):  # FLUX.1: the latent packed into 2x2 patches, one token each
+        c = model.config
+        tokens, length = (size // 2) ** 2, int(model_cfg.text_length)
+        kwargs = {"hidden_states": torch.zeros(rows, tokens, c.in_channels, **meta), "timestep": t,
+                  "encoder_hidden_states": torch.zeros(rows, length, c.joint_attention_dim, **meta),
+                  "pooled_projections": torch.zeros(rows, c.pooled_projection_dim, **meta),
+                  "img_ids": torch.zeros(tokens, 3, **meta), "txt_ids": torch.zeros(length, 3, **meta)}
+        if c.guidance_embeds:  # the embedded guidance scale, one per row
+            kwargs["guidance"] = torch.zeros(rows, **meta)
+        return (), kwargs
     if isinstance(model, DiTTransformer2DModel):
         x = torch.zeros(rows, model.config.in_channels, size, size, **meta)
         return (x,), {"timestep": t, "class_labels": torch.zeros(rows, dtype=torch.long, **meta)}
@@ -92,14 +117,38 @@ def count_run(models: list[nn.Module], model_cfgs: list[DictConfig], num_steps: 
     return count_sampling_macs(count_step, plan, hooks)
 
 
+def run_settings(cfg: DictConfig) -> tuple[int, float, bool]:
+    """(steps, guidance scale, CFG batch) of the run `cfg` describes (see the module docstring)."""
+    pipeline = cfg.model.get("kind") == "pipeline"
+    cfg_batch = bool(cfg.model.get("cfg_batch", True))  # false: the model embeds its guidance scale (FLUX.1)
+    if cfg.sampler.name != "pipeline":  # a native solver's settings (for a pipeline model: its steps and scale only)
+        scale = check_cfg_scale(cfg.sampler.cfg_scale)
+        return int(cfg.sampler.steps), scale, cfg_batch and (scale > 1 if pipeline else scale != 1.0)
+    if not pipeline:
+        raise ValueError(f"sampler=pipeline counts a diffusers pipeline's call, but model {cfg.model.name!r} is "
+                         "native; use a native sampler (ddim, ddpm, dpmpp_2m, euler)")
+    from diffusion.pipeline_run import call_arguments
+
+    call = call_arguments(cfg)
+    steps, scale = call.get("num_inference_steps"), call.get("guidance_scale")
+    if steps is None or scale is None:
+        raise ValueError(f"model {cfg.model.name!r}: give sampler.steps and sampler.cfg_scale (its model.call has "
+                         f"num_inference_steps={steps}, guidance_scale={scale})")
+    return int(steps), float(scale), cfg_batch and scale > 1  # diffusers pipelines: CFG batch iff scale > 1
+
+
 def count_config(cfg: DictConfig) -> dict:
     """Baseline (`model` alone, no hooks) and accelerated (accel.models + model, accel.hooks)
     MACs for one image, as scripts/sample.py would run `cfg` (composed from configs/macs.yaml)."""
-    use_cfg = check_cfg_scale(cfg.sampler.cfg_scale) != 1.0
+    num_steps, _, use_cfg = run_settings(cfg)
     hooks = build_hooks(cfg)  # bad settings fail here, before any model is built
-    solver = build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
-                          learned_variance=bool(cfg.model.get("learn_sigma", False)),
-                          eta=cfg.sampler.get("eta", 0.0), spacing=cfg.sampler.get("spacing"))
+    if cfg.sampler.name == "pipeline":
+        # the pipeline's own scheduler runs (flow matching, DPM++, ...): hooks see the step count, no learned variance
+        solver = SimpleNamespace(num_steps=num_steps, learned_variance=False)
+    else:
+        solver = build_solver(cfg.sampler.name, cfg.sampler.steps, NoiseSchedule(**cfg.schedule),
+                              learned_variance=bool(cfg.model.get("learn_sigma", False)),
+                              eta=cfg.sampler.get("eta", 0.0), spacing=cfg.sampler.get("spacing"))
     configs = model_configs(cfg)
     models = [build_meta_denoiser(c) for c in configs]
     baseline = count_run(models[-1:], configs[-1:], solver.num_steps, use_cfg)
@@ -116,8 +165,10 @@ def count_config(cfg: DictConfig) -> dict:
 def format_table(cfg: DictConfig, result: dict) -> str:
     """The counts as a small text table, in T (10^12) MACs, with the speed-up they predict."""
     base = result["baseline"]
-    head = (f"{cfg.model.name}, {cfg.sampler.name} x{len(base['per_step'])} steps, cfg_scale {cfg.sampler.cfg_scale}, "
-            f"accel={cfg.accel.name}; MACs for one image")
+    _, scale, use_cfg = run_settings(cfg)
+    names = " -> ".join(str(c.name) for c in model_configs(cfg))
+    head = (f"{cfg.model.name}, {cfg.sampler.name} x{len(base['per_step'])} steps, cfg_scale {scale:g}"
+            f"{'' if use_cfg else ' (no CFG batch)'}, accel={cfg.accel.name} ({names}); MACs for one image")
     lines = [head, f"{'':12s} {'paper (T)':>10s} {'all ops (T)':>12s} {'speed-up':>9s}"]
     for key, row in result.items():
         lines.append(f"{key:12s} {row['macs_paper'] / 1e12:10.3f} {row['macs_all'] / 1e12:12.3f} "

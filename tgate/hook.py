@@ -17,10 +17,12 @@ class TGateHook(Hook):
     """
 
     def __init__(self, gate_step: int = 10, sp_interval: int = 5, fi_interval: int = 1, warm_up: int = 2,
-                 lcm: bool = False, branch: str = "uncond", cfg_scale: float | None = None):
+                 lcm: bool = False, branch: str = "uncond", cfg_scale: float | None = None,
+                 cache_attention: bool = True):
         """cfg_scale: the run's guidance scale, when known from the config, so that lcm with a
-        CFG batch is refused before any model is built (it is checked again at `start`)."""
-        self.config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm, branch)
+        CFG batch is refused before any model is built (it is checked again at `start`).
+        cache_attention=False: guidance truncation alone (TGateConfig)."""
+        self.config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm, branch, cache_attention)
         if cfg_scale is not None:
             self.config.check_guidance(use_cfg=cfg_scale != 1)
         self.state = TGateState(self.config)

@@ -11,6 +11,12 @@
   both halves (tgate.branch), also for a ControlNet the pipeline calls with the CFG batch;
 - optionally runs DeepCache through its own helper, restarted at the gate (tgate.deepcache).
 
+SD3 / SD3.5 take guidance truncation alone (`TGateConfig(cache_attention=False, branch="cond")`):
+their joint attention has no T-GATE caching rule. Their skip-layer guidance pass (a second
+denoiser call of a step, with `skip_layers`) belongs to the step it is made in, and must end
+before the gate. Denoisers that take the guidance scale as an input (FLUX.1) run no CFG batch
+and are refused.
+
 Every pipeline call is one run: caches start empty and are freed when the call
 returns (or raises). `remove()` / `remove_tgate(pipe)` leaves the pipeline and its
 modules as they were.
@@ -56,6 +62,18 @@ def gate_of(pipe) -> PipelineGate | None:
     return getattr(type(pipe), GATE_ATTRIBUTE, None)
 
 
+def _skip_layer_guidance_steps(bound: dict) -> list[int]:
+    """Steps at which SD3's pipeline makes its skip-layer guidance pass (`skip_guidance_layers`):
+    i with start * n < i < stop * n, as StableDiffusion3Pipeline decides; [] when it makes none."""
+    if bound.get("skip_guidance_layers") is None:
+        return []
+    n = bound.get("num_inference_steps")
+    start, stop = bound.get("skip_layer_guidance_start"), bound.get("skip_layer_guidance_stop")
+    if not all(isinstance(v, (int, float)) for v in (n, start, stop)):
+        return []
+    return [i for i in range(int(n)) if start * n < i < stop * n]
+
+
 def _call_uses_cfg(pipe, bound: dict) -> bool:
     """Whether this pipeline call batches the two CFG branches.
 
@@ -90,6 +108,10 @@ class PipelineGate:
         self.pipe = pipe
         self.config = config
         self.denoiser_name, self.denoiser = denoiser_of(pipe)
+        if "guidance_embeds" in (getattr(self.denoiser, "config", None) or {}):
+            raise ValueError(f"tgate: {type(pipe).__name__}'s {type(self.denoiser).__name__} takes the guidance scale "
+                             "as an input (guidance-distilled, as FLUX.1): its pipeline runs no CFG batch, so there is no "
+                             "guidance to truncate, and its joint attention has no T-GATE caching rule")
         self.state = TGateState(config)
         if config.branch == "uncond" and "VideoDiffusion" in type(pipe).__name__:
             warnings.warn("tgate: SVD's unconditional branch has zeroed image conditioning; tgate 1.0.0 runs the "
@@ -135,6 +157,13 @@ class PipelineGate:
                 arguments = dict(bound.arguments)
             except TypeError:  # let the pipeline itself report a bad call
                 arguments = {}
+            late = [i for i in _skip_layer_guidance_steps(arguments) if i >= self.config.gate_step]
+            scale = arguments.get("guidance_scale")
+            if late and isinstance(scale, (int, float)) and scale > 1:  # SD3 runs it with guidance only
+                raise ValueError(f"tgate: skip-layer guidance would run at steps {late}, at or after gate_step="
+                                 f"{self.config.gate_step}, where guidance has stopped; end it before the gate "
+                                 f"(skip_layer_guidance_stop <= {self.config.gate_step}/num_inference_steps) or "
+                                 "drop skip_guidance_layers")
             self._begin_run(arguments)
             if self.deepcache is not None:
                 self.deepcache.restart()
@@ -158,6 +187,15 @@ class PipelineGate:
     def _before_denoiser(self, module, args, kwargs):
         if not self._running:
             return None  # called outside a pipeline call: the plain model
+        if kwargs.get("skip_layers") is not None and self._calls:
+            # SD3's skip-layer guidance pass: a second call of the step just counted (the progress bar does
+            # not move for it); it runs as the pipeline asks, every attention module computing
+            step = step_of_call(self._calls - 1, self._order, self._warmup)
+            if step is not None and step >= self.config.gate_step:
+                raise RuntimeError(f"tgate: skip-layer guidance at step {step}, after gate_step="
+                                   f"{self.config.gate_step}: guidance has stopped there")
+            self.state.actions = PLAIN
+            return None
         call = self._calls
         if call == 0:
             self._first_denoiser_call(args, kwargs)

@@ -11,13 +11,14 @@ from .hook import TStitchHook
 from .schedule import steps_per_model
 
 
-def _time_once(models, solver, ratio, latent_shape, batch_size, cfg_scale, null_label, device) -> float:
+def _time_once(models, solver, ratio, latent_shape, batch_size, cfg_scale, null_label, device, model_dtype) -> float:
     return time_sampling(models, solver, [TStitchHook(ratio=ratio)], latent_shape=latent_shape,
-                         batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, device=device)
+                         batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, device=device,
+                         model_dtype=model_dtype)
 
 
 def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg_scale=1.5, null_label=1000,
-                repeats=3, warmup=1, device=torch.device("cpu")) -> list[dict]:
+                repeats=3, warmup=1, device=torch.device("cpu"), model_dtype=None) -> list[dict]:
     """Median sampling time per small-model ratio, with the speed-ups it implies.
 
     Ratios are timed round-robin (repeat 1 of every ratio, then repeat 2, ...) so that a
@@ -30,10 +31,11 @@ def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg
     times = {r: [] for r in ratios}
     for _ in range(warmup):  # each model alone: first calls pay one-off kernel set-up
         for r in (0.0, 1.0):
-            _time_once(models, solver, r, latent_shape, batch_size, cfg_scale, null_label, device)
+            _time_once(models, solver, r, latent_shape, batch_size, cfg_scale, null_label, device, model_dtype)
     for _ in range(repeats):
         for r in ratios:
-            times[r].append(_time_once(models, solver, r, latent_shape, batch_size, cfg_scale, null_label, device))
+            times[r].append(_time_once(models, solver, r, latent_shape, batch_size, cfg_scale, null_label, device,
+                                       model_dtype))
     t_small, t_large = statistics.median(times[1.0]), statistics.median(times[0.0])
     rows = []
     for r in ratios:

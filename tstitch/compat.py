@@ -7,7 +7,9 @@ import torch.nn as nn
 def describe(model: nn.Module) -> dict:
     """What stitching needs to compare, read from a native DiT or a diffusers model config."""
     config = getattr(model, "config", None)
-    get = (lambda k: getattr(model, k, None)) if config is None else (lambda k: getattr(model, k, config.get(k)))
+    # diffusers models: read their config (attribute access to config keys is deprecated there)
+    get = (lambda k: getattr(model, k, None)) if config is None else \
+        (lambda k: config[k] if k in config else getattr(model, k, None))
     in_channels = get("in_channels")
     size = get("input_size") or get("sample_size")
     out_channels = get("out_channels")

@@ -64,16 +64,48 @@ def _as_list(small):
     return list(small) if isinstance(small, (list, tuple)) else [small]
 
 
-def load_denoiser(source, like: nn.Module, name: str, **kwargs) -> nn.Module:
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+
+
+def _config_before_loading(source, like: nn.Module, name: str, kwargs: dict) -> dict | None:
+    """The small denoiser's config.json (hub ids: downloaded alone, no weights), found in the
+    `name` subfolder, else in the other denoiser subfolder (an SD-XL folder has unet/, an SD3 one
+    transformer/), else at the top of a bare denoiser folder; None when there is none to read."""
+    folder = Path(source)
+    if "subfolder" in kwargs:
+        candidates = [kwargs["subfolder"]]
+    elif folder.is_dir() and (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+        candidates = [None]  # a bare denoiser folder
+    else:
+        candidates = [name] + [other for other in DENOISER_NAMES if other != name]
+    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    for subfolder in candidates:
+        if folder.is_dir() and not (folder / (subfolder or "") / "config.json").is_file():
+            continue
+        try:
+            return dict(type(like).load_config(str(source), subfolder=subfolder, **hub))
+        except (OSError, ValueError):  # not on the hub / not cached offline: from_pretrained says why
+            continue
+    return None
+
+
+def load_denoiser(source, like: nn.Module, name: str, check=None, **kwargs) -> nn.Module:
     """The denoiser of `source`: a module as is; a pipeline's `name` component; a hub id or a
     local folder loaded with the large model's class (its `name` subfolder when there is one),
-    in the large model's dtype unless kwargs say otherwise."""
+    in the large model's dtype unless kwargs say otherwise.
+
+    check(config: dict): called with the model's config.json before any weights are read, so a
+    model that cannot stitch (another class, other input widths) is refused before a download."""
     if isinstance(source, nn.Module):
         return source
     if hasattr(source, "components"):  # a DiffusionPipeline
         return getattr(source, denoiser_name(source))
     if not isinstance(source, (str, Path)):
         raise TypeError(f"small model {source!r}: give a hub id, a local folder, a pipeline or a denoiser module")
+    if check is not None:
+        config = _config_before_loading(source, like, name, kwargs)
+        if config is not None:
+            check(config)
     kwargs.setdefault("torch_dtype", like.dtype)
     folder = Path(source)
     if folder.is_dir() and not (folder / name).is_dir() and (folder / "config.json").is_file():
@@ -124,10 +156,14 @@ def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, **lo
     large = getattr(pipe, name)
     sources = _as_list(small)
     fractions = resolve_fractions(None if fractions is not None else ratio, fractions, num_models=len(sources) + 1)
-    smalls = [load_denoiser(s, large, name, **load_kwargs) for s in sources]
     fallback = ["small"] if len(sources) == 1 else [f"small{j + 1}" for j in range(len(sources))]
     names = [_display_name(s, f) for s, f in zip(sources, fallback)] + [_display_name(large, "large")]
     controlnet = getattr(pipe, "controlnet", None) is not None
+
+    def checker(small_name):
+        return lambda config: check_denoiser_pair(config, large, small_name, names[-1], controlnet=controlnet)
+
+    smalls = [load_denoiser(s, large, name, check=checker(n), **load_kwargs) for s, n in zip(sources, names)]
     for model, model_name in zip(smalls, names):
         check_denoiser_pair(model, large, model_name, names[-1], controlnet=controlnet)
     smalls = [_placed_like(m, large) for m in smalls]

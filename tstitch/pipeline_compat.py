@@ -3,6 +3,9 @@
 The pipeline prepares every input for its own (large) denoiser: latents of its channel
 count and size, text embeddings of its width, SD-XL's added conditioning (pooled text +
 time ids) of its width, and, with a ControlNet, residuals shaped for its down blocks.
+MM-DiT pipelines (SD3 / SD3.5, FLUX.1) hand their transformer the text context of the joint
+attention (`joint_attention_dim` wide), a pooled text embedding (`pooled_projection_dim`)
+and, for FLUX.1-dev, the guidance scale as an input (`guidance_embeds`).
 A model that runs in its place must take the same inputs.
 """
 from __future__ import annotations
@@ -21,10 +24,23 @@ CHECKED_KEYS = {
     "class_embed_type": "class-embedding types",
     "num_class_embeds": "class counts",
     "use_additional_conditions": "micro-conditioning (use_additional_conditions)",
+    "joint_attention_dim": "joint-attention text-context widths (joint_attention_dim)",
+    "pooled_projection_dim": "pooled text-embedding widths (pooled_projection_dim)",
+    "guidance_embeds": "guidance inputs (guidance_embeds: the pipeline passes the guidance scale to a model "
+                       "that embeds it)",
 }
 
 
+def _class_name(model) -> str:
+    """A module's class name, or `_class_name` of a denoiser's config.json read as a dict."""
+    if isinstance(model, dict):
+        return str(model.get("_class_name"))
+    return type(model).__name__
+
+
 def _config(model) -> dict:
+    if isinstance(model, dict):  # a config.json, read before the weights are loaded
+        return model
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"{type(model).__name__} has no diffusers `config`; stitching in a pipeline needs diffusers "
@@ -49,20 +65,36 @@ def down_residual_channels(config: dict) -> tuple[list[int], int]:
     return channels, widths[-1]
 
 
-def check_denoiser_pair(small, large, small_name: str = "small", large_name: str = "large",
-                        controlnet: bool = False) -> None:
-    """Raise ValueError naming the first input the two denoisers disagree on, with both values."""
-    if type(small).__name__ != type(large).__name__:
-        raise ValueError(f"cannot stitch {small_name} into {large_name}: different denoiser classes: "
-                         f"{small_name} is {type(small).__name__}, {large_name} is {type(large).__name__}")
-    a, b = _config(small), _config(large)
+def _differences(a: dict, b: dict) -> list[tuple[str, str, object, object]]:
+    """(key, what, small's value, large's value) for every checked input the two configs disagree on."""
+    found = []
     for key, what in CHECKED_KEYS.items():
         if key not in a and key not in b:
             continue
         va, vb = _value(a, key), _value(b, key)
         if va != vb:
-            raise ValueError(f"cannot stitch {small_name} into {large_name}: different {what}: "
-                             f"{small_name} has {key}={va!r}, {large_name} has {key}={vb!r}")
+            found.append((key, what, va, vb))
+    return found
+
+
+def check_denoiser_pair(small, large, small_name: str = "small", large_name: str = "large",
+                        controlnet: bool = False) -> None:
+    """Raise ValueError naming the first input the two denoisers disagree on, with both values.
+
+    small / large: denoiser modules, or (small only) its config.json as a dict, so that a model
+    can be refused before its weights are downloaded."""
+    if _class_name(small) != _class_name(large):
+        # e.g. SD3.5 with SD-XL's UNet, FLUX.1 with SD3: say which inputs differ, not only the class
+        configs = [m if isinstance(m, dict) else dict(getattr(m, "config", None) or {}) for m in (small, large)]
+        inputs = ", ".join(f"{key}={va!r} vs {vb!r}" for key, _, va, vb in _differences(*configs)
+                           if va is not None and vb is not None)
+        raise ValueError(f"cannot stitch {small_name} into {large_name}: different denoiser classes: "
+                         f"{small_name} is {_class_name(small)}, {large_name} is {_class_name(large)}"
+                         + (f" (their inputs differ too: {inputs})" if inputs else ""))
+    a, b = _config(small), _config(large)
+    for key, what, va, vb in _differences(a, b)[:1]:
+        raise ValueError(f"cannot stitch {small_name} into {large_name}: different {what}: "
+                         f"{small_name} has {key}={va!r}, {large_name} has {key}={vb!r}")
     # LCM's guidance embedding: a model without it runs without it; two different widths cannot both take it
     ta, tb = a.get("time_cond_proj_dim"), b.get("time_cond_proj_dim")
     if ta is not None and tb is not None and ta != tb:
