@@ -14,7 +14,8 @@ import gradio as gr
 from .backend import DemoBackend, DemoError
 from .pairs import DEFAULT_PAIR, PAIRS, SLOT_LABELS, get_pair
 from .report import gallery_items, generate_summary, sweep_figure, sweep_table
-from .settings import PIPELINE_SAMPLERS, SAMPLERS, SettingsError, check_number, parse_fractions, parse_settings
+from .settings import (PIPELINE_SAMPLERS, PRECISIONS, SAMPLERS, SettingsError, check_number, parse_fractions,
+                       parse_settings)
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,14 @@ class DemoApp:
         self.backend = backend
 
     def settings(self, pair_label, large, small, first_stage, fraction, tgate, gate_step, sp_interval,
-                 fi_interval, warm_up, sampler, steps, cfg_scale, labels, prompt, seed, num_samples, random_weights):
+                 fi_interval, warm_up, sampler, steps, cfg_scale, labels, prompt, seed, num_samples, random_weights,
+                 precision="auto"):
         return parse_settings(
             pair_label, fraction=fraction, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
             num_samples=num_samples, labels=labels, prompt=prompt, tgate=tgate, gate_step=gate_step,
             sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up,
-            weights={"large": large, "small": small, "first_stage": first_stage}, random_weights=random_weights)
+            weights={"large": large, "small": small, "first_stage": first_stage}, random_weights=random_weights,
+            precision=precision)
 
     def generate(self, *values, progress=gr.Progress(track_tqdm=True)):
         """-> (status html, gallery items, summary markdown)."""
@@ -128,6 +131,8 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                                     for slot in ("large", "small", "first_stage")]
                     random_weights = gr.Checkbox(False, label="random weights (no weights read: timing only)",
                                                  elem_id="random_weights")
+                    precision = gr.Dropdown(list(PRECISIONS), value="auto", elem_id="precision",
+                                            label="precision (auto: tf32 on CUDA, fp32 on CPU)")
                 fraction = gr.Slider(0, 1, value=pair.fraction, step=0.05, label="T-Stitch: fraction of steps on the small model",
                                      elem_id="fraction")
                 with gr.Group():
@@ -162,7 +167,7 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                 table = gr.Markdown("", elem_id="sweep_table")
 
         inputs = [pair_box, *weight_boxes, fraction, tgate, gate_step, sp_interval, fi_interval, warm_up,
-                  sampler, steps, cfg_scale, labels, prompt, seed, num_samples, random_weights]
+                  sampler, steps, cfg_scale, labels, prompt, seed, num_samples, random_weights, precision]
         generate_button.click(handlers.generate, inputs, [status, gallery, summary], concurrency_limit=1)
         sweep_button.click(handlers.sweep, inputs + [sweep_fractions, sweep_samples], [status, plot, table],
                            concurrency_limit=1)

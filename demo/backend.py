@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffusion.errors import ReportedError
 from diffusion.run import run_from_config
 
 from .pairs import CONFIGS, REPO_ROOT, SLOT_LABELS, ModelPair
@@ -154,7 +155,7 @@ class DemoBackend:
                     metrics = run_from_config(cfg, out_dir)
                 except FileNotFoundError as e:       # checkpoints / VAE not on disk nor obtainable offline
                     raise DemoError(f"Weights missing for '{settings.model_pair.label}': {e}") from e
-                except (ValueError, TypeError) as e:  # the core's checks of settings, before any sampling
+                except (ValueError, TypeError, ReportedError) as e:  # the core's checks; NaN samples, a full disk
                     raise DemoError(str(e)) from e
                 with np.load(Path(out_dir) / "samples.npz") as npz:
                     images, labels = npz["arr_0"], npz["arr_1"]

@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from diffusion.precision import PRECISIONS
+
 from .pairs import ModelPair, get_pair
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler")
@@ -41,6 +43,7 @@ class Settings:
     warm_up: int = 2
     weights: tuple[tuple[str, str], ...] = ()  # (slot, path or hub id) typed in the page; blank slots left out
     random_weights: bool = False               # pretrained=false: no weights read (timing only)
+    precision: str = "auto"                    # the networks' number type (configs/sample.yaml's precision)
 
     @property
     def model_pair(self) -> ModelPair:
@@ -68,7 +71,7 @@ class Settings:
         out += [f"accel.tstitch.ratio={self.fraction!r}", f"sampler={self.sampler}",
                 f"sampler.steps={self.steps}", f"sampler.cfg_scale={self.cfg_scale!r}",
                 f"seed={self.seed}", f"num_samples={self.num_samples}", f"batch_size={min(self.num_samples, pair.max_batch)}",
-                f"pretrained={str(not self.random_weights).lower()}", "progress=true"]
+                f"pretrained={str(not self.random_weights).lower()}", f"precision={self.precision}", "progress=true"]
         return out
 
 
@@ -113,13 +116,15 @@ def parse_fractions(text: str | None) -> tuple[float, ...]:
 
 def parse_settings(pair: str, *, fraction, sampler, steps, cfg_scale, seed, num_samples, labels=None,
                    prompt=None, tgate=False, gate_step=30, sp_interval=3, fi_interval=1, warm_up=2,
-                   weights: dict[str, str] | None = None, random_weights=False) -> Settings:
+                   weights: dict[str, str] | None = None, random_weights=False, precision="auto") -> Settings:
     """The page's raw values (numbers may arrive as floats, text or None) -> checked Settings."""
     model_pair = get_pair(pair)
     text_pair = model_pair.conditioning == "text"
     allowed = PIPELINE_SAMPLERS if text_pair else SAMPLERS  # text pairs run their pipeline's own scheduler
     if sampler not in allowed:
         raise SettingsError(f"sampler={sampler!r}: allowed for this pair are {', '.join(allowed)}")
+    if precision not in PRECISIONS:
+        raise SettingsError(f"precision={precision!r}: allowed are {', '.join(PRECISIONS)}")
     if text_pair and not (prompt or "").strip():
         raise SettingsError("the prompt is empty: this pair is text-conditional, type a prompt")
     typed = tuple((slot, str(v).strip()) for slot, v in (weights or {}).items()
@@ -144,6 +149,7 @@ def parse_settings(pair: str, *, fraction, sampler, steps, cfg_scale, seed, num_
         warm_up=check_number("T-GATE warm_up", warm_up, whole=True, low=0),
         weights=typed,
         random_weights=bool(random_weights),
+        precision=precision,
     )
 
 

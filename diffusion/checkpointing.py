@@ -9,11 +9,11 @@ An export ({"ema", "config", "step"}) is the small file to ship: no raw weights,
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 
 import torch
 
+from .checkpoint_files import check_finite, read_torch_file
 from .outputs import atomic_write_bytes
 
 
@@ -30,9 +30,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def train_state(model, ema, opt, step: int, config: dict) -> dict:
+def train_state(model, ema, opt, step: int, config: dict, losses: dict | None = None) -> dict:
+    """losses: the loss log so far ({"history": [[step, mean], ...], "window": [losses since]}),
+    so that a resumed run's train_metrics.json keeps the whole history."""
     return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "config": config, "step": int(step)}
+            "config": config, "step": int(step), **({"losses": losses} if losses is not None else {})}
 
 
 def export_state(ema, step: int, config: dict) -> dict:
@@ -40,15 +42,14 @@ def export_state(ema, step: int, config: dict) -> dict:
 
 
 def load_train_state(path: str | Path) -> dict:
-    """A checkpoint written by save_checkpoint(train_state(...)); refuses arbitrary pickles."""
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: not a plain checkpoint (weights_only=True refused it): {err}") from err
+    """A checkpoint written by save_checkpoint(train_state(...)); refuses arbitrary pickles, damaged
+    files and NaN/inf weights or optimiser state (CheckpointError)."""
+    state = read_torch_file(path)
     missing = [k for k in ("model", "ema", "opt", "step") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path}: cannot resume from it, it lacks {missing} (an export or a release "
                          "holds weights only; resume needs a checkpoints/<step>.pt of scripts/train.py)")
+    check_finite({k: state[k] for k in ("model", "ema", "opt")}, path)
     return state
 
 

@@ -71,8 +71,9 @@ def _graphs_and_recompiles() -> tuple[int, int]:
 
 @dataclass
 class CompileStats:
-    """What torch.compile did inside a `with` block: seconds spent compiling (dynamo tracing and the
-    backend), graphs compiled, and recompiles (a guard failed: a new shape or hook decision)."""
+    """What torch.compile did inside `with` blocks (summed over every use): seconds spent compiling
+    (dynamo tracing and the backend), graphs compiled, and recompiles (a guard failed: a new shape or
+    hook decision)."""
 
     seconds: float = 0.0
     graphs: int = 0
@@ -85,8 +86,9 @@ class CompileStats:
     def __exit__(self, *exc) -> None:
         seconds, graphs, recompiles = self._start
         now_graphs, now_recompiles = _graphs_and_recompiles()
-        self.seconds = _compile_seconds() - seconds
-        self.graphs, self.recompiles = now_graphs - graphs, now_recompiles - recompiles
+        self.seconds += _compile_seconds() - seconds
+        self.graphs += now_graphs - graphs
+        self.recompiles += now_recompiles - recompiles
 
     def as_metrics(self) -> dict:
         return {"compile_seconds": self.seconds, "compiled_graphs": self.graphs, "recompiles": self.recompiles}

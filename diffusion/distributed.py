@@ -62,6 +62,20 @@ class Dist:
         torch_dist.all_gather_object(out, obj)
         return out
 
+    def on_main(self, fn):
+        """fn() on rank 0, its result on every rank; an exception of rank 0 is raised on every rank
+        (so that all processes stop together instead of waiting for rank 0 in the next collective)."""
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as err:  # noqa: BLE001 - sent to the other ranks, then raised
+                failure = err
+        result, failure = self.broadcast((result, failure)) if self.active else (result, failure)
+        if failure is not None:
+            raise failure
+        return result
+
     def device(self, device: torch.device) -> torch.device:
         """A CUDA device becomes this rank's own GPU (cuda:LOCAL_RANK); CPU stays CPU."""
         if device.type == "cuda" and self.world_size > 1:

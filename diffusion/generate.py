@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import Hook
+from .finite import check_finite_latents
 from .outputs import save_sample_pngs
 from .sampler import sample
 from .seeding import initial_noise, sample_generators
@@ -59,6 +60,7 @@ def generate(
     batches: Sequence[Sequence[int]] | None = None,
     keep_images: bool = True,
     model_dtype: torch.dtype | None = None,
+    model_names: Sequence[str] = (),
 ) -> Generation:
     """Sample len(labels) images; sample k gets seed + k and labels[k] whatever the batching.
 
@@ -68,6 +70,8 @@ def generate(
     batches of batch_size); a resumed or distributed run passes the ones it owns.
     keep_images=False keeps no image in memory (they are on disk): for large runs.
     model_dtype: the denoisers' type (precision bf16/fp16); the latents stay float32 (diffusion.sample).
+    A batch whose latents hold NaN or inf after its last step stops the run before it is
+    decoded or written (diffusion.finite; model_names name the models in the message).
     """
     num_samples = len(labels)
     check_counts(num_samples, batch_size)
@@ -88,6 +92,7 @@ def generate(
         )
         _synchronize(device)
         t1 = time.perf_counter()
+        check_finite_latents(result.latents, indices, model_names)
         batch_images = decode(result.latents)
         t2 = time.perf_counter()
         sampling_seconds += t1 - t0

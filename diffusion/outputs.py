@@ -1,27 +1,58 @@
 """Run outputs, each written atomically (temporary name in the same folder, then rename).
 
-A failure or a preempted job never leaves a half-written file under a final name.
+A failure or a preempted job never leaves a half-written file under a final name. A write
+that fails (full disk, read-only folder) is an OutputWriteError naming the file (the scripts
+print it as one `error: ...` line); the file under its final name is left as it was.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import zipfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .errors import ReportedError
+
+
+class OutputWriteError(ReportedError):
+    """An output file could not be written."""
+
+
+@contextmanager
+def _written_atomically(path: Path):
+    """Yields a temporary path beside `path`; renamed to `path` when the block succeeds, removed otherwise."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        hint = ("the disk is full: free space, then run the same command again (it resumes)"
+                if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you can write to")
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err} ({hint})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with _written_atomically(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_with(path: str | Path, write: Callable[[object], None]) -> Path:
+    """write(f) into a binary file opened under a temporary name, then renamed to path."""
+    path = Path(path)
+    with _written_atomically(path) as tmp, open(tmp, "wb") as f:
+        write(f)
     return path
 
 
@@ -74,15 +105,19 @@ def save_npz(images: np.ndarray, labels: np.ndarray, path: str | Path) -> Path:
     """ADM evaluator layout: arr_0 (N, H, W, 3) uint8, arr_1 (N,) class labels.
 
     Streamed to the temporary file (no second copy in memory: 50K samples at 256px are 9.8 GB)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return atomic_write_with(path, lambda f: np.savez(f, images, labels))
+
+
+def npz_array_header(path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of `key` in an .npz, read from its header alone (None: missing or unreadable)."""
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, images, labels)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            return tuple(shape), dtype
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def save_json(data: dict, path: str | Path) -> Path:

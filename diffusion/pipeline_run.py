@@ -32,9 +32,11 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .compile import CompileStats, compile_denoiser
 from .generate import check_counts
 from .outputs import save_grid, save_json, save_npz, save_sample_pngs
 from .seeding import sample_generators
+from .speed import Speed
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +154,46 @@ def check_pipeline_config(cfg: DictConfig) -> tuple[list, dict, list[PipelineAcc
     return inputs, args, accels
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16")
-    return dtype
+def pipeline_dtype(name: str | None, precision: str, device: torch.device) -> torch.dtype:
+    """The pipeline's torch_dtype from `model.dtype` and the `precision` setting (not resolved).
+
+    precision=auto keeps model.dtype (its auto: float16 on CUDA, float32 elsewhere); bf16 / fp16 /
+    fp32 / tf32 set the type (tf32 and fp32: float32), and an explicit model.dtype that disagrees is
+    refused rather than silently overridden."""
+    explicit = None
+    if name not in (None, "auto"):
+        explicit = getattr(torch, str(name), None)
+        if not isinstance(explicit, torch.dtype) or not explicit.is_floating_point:
+            raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16")
+    if precision == "auto":
+        return explicit or (torch.float16 if device.type == "cuda" else torch.float32)
+    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if explicit is not None and explicit != wanted:
+        raise ValueError(f"precision={precision} runs the pipeline in {str(wanted).removeprefix('torch.')}, but "
+                         f"model.dtype={name}: set model.dtype=auto (or precision=auto to keep model.dtype)")
+    return wanted
 
 
-def load_pipeline(model_cfg: DictConfig, scheduler: str | None, device: torch.device):
+def compile_pipeline(pipe, mode: str, backend: str) -> None:
+    """compile=regional: each denoiser's own `compile_repeated_blocks` (the stitched models too);
+    full: each denoiser whole. In place, lazy."""
+    if mode == "none":
+        return
+    denoiser = _denoiser(pipe)
+    models = getattr(denoiser, "models", None)  # a stitched denoiser holds several
+    for model in (list(models) if isinstance(models, torch.nn.ModuleList) else [denoiser]):
+        if mode == "regional" and not getattr(model, "_repeated_blocks", None):
+            raise ValueError(f"compile=regional: {type(model).__name__} lists no repeated blocks "
+                             "(_repeated_blocks); use compile=full or compile=none")
+        if mode == "regional" and hasattr(model, "compile_repeated_blocks"):
+            model.compile_repeated_blocks(backend=backend)
+        else:
+            compile_denoiser(model, mode, backend)
+
+
+def load_pipeline(model_cfg: DictConfig, scheduler: str | None, device: torch.device, precision: str = "auto"):
     """`pipeline_class.from_pretrained(source)` with the config's components and dtype, on `device`."""
-    dtype = _dtype(model_cfg.get("dtype", "auto"), device)
+    dtype = pipeline_dtype(model_cfg.get("dtype", "auto"), precision, device)
     source = str(model_cfg.source)
     local = Path(source)
     if (local.is_absolute() or source.startswith(".")) and not local.is_dir():
@@ -208,22 +238,30 @@ def _denoiser(pipe):
 def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch.device) -> dict:
     """Sample `cfg.num_samples` images through the model's pipeline into out_dir; returns the metrics."""
     inputs, args, accels = check_pipeline_config(cfg)
+    speed = Speed.from_config(cfg, device)  # bad precision / compile values fail here, before loading
+    precision = cfg.get("precision", "auto")
+    pipeline_dtype(cfg.model.get("dtype", "auto"), precision, device)  # a disagreeing model.dtype too
     kind = cfg.model.get("input", "prompt")
-    if kind == "image":
-        images_in = {p: _load_image(p) for p in set(inputs)}
-    pipe = load_pipeline(cfg.model, cfg.sampler.get("scheduler"), device)
+    images_in = {p: _load_image(p) for p in set(inputs)} if kind == "image" else None
+    pipe = load_pipeline(cfg.model, cfg.sampler.get("scheduler"), device, precision)
     pipe.set_progress_bar_config(disable=not cfg.progress)
+    with speed.matmuls():
+        return _sample_pipeline(cfg, pipe, inputs, args, accels, images_in, out_dir, device, speed)
 
+
+def _sample_pipeline(cfg: DictConfig, pipe, inputs, args, accels, images_in, out_dir, device, speed: Speed) -> dict:
+    kind = cfg.model.get("input", "prompt")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("sampling %d images with the %s pipeline (%s), accel=%s, on %s into %s", cfg.num_samples,
              type(pipe).__name__, cfg.model.source, cfg.accel.name, device, out_dir)
     applied = []
-    images, seconds, steps_per_model, stitch_rule = [], 0.0, None, {}
+    images, seconds, steps_per_model, stitch_rule, compiled = [], 0.0, None, {}, CompileStats()
     try:
         for accel in accels:
             accel.apply(pipe)
             applied.append(accel)
+        compile_pipeline(pipe, speed.compile, speed.backend)  # after the accels: a stitched denoiser's models too
         starts = range(0, cfg.num_samples, cfg.batch_size)
         for start in tqdm(starts, desc="batches", disable=not cfg.progress or len(starts) == 1):
             indices = list(range(start, min(start + cfg.batch_size, cfg.num_samples)))
@@ -233,7 +271,8 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            out = pipe(**conditioning, generator=generators, output_type="np", **args)
+            with compiled:
+                out = pipe(**conditioning, generator=generators, output_type="np", **args)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
@@ -247,6 +286,7 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
     finally:
         for accel in reversed(applied):
             accel.remove(pipe)
+    seconds -= compiled.seconds  # compiling happened inside the first calls: reported apart
     images = np.concatenate(images)
     save_grid(images, out_dir / "grid.png")
     prompt_index = {p: i for i, p in enumerate(dict.fromkeys(inputs))}
@@ -254,7 +294,7 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
     save_json({"inputs": list(dict.fromkeys(inputs)), "per_sample": [prompt_index[p] for p in inputs]},
               out_dir / f"{kind}s.json")
     metrics = {
-        # the whole pipeline call: text encoding, the denoising loop and decoding
+        # the whole pipeline call: text encoding, the denoising loop and decoding (without compiling)
         "sampling_seconds": seconds,
         "num_images": len(images),
         "images_per_second": len(images) / max(seconds, 1e-9),
@@ -270,6 +310,9 @@ def run_pipeline_from_config(cfg: DictConfig, out_dir: str | Path, device: torch
         "seed": int(cfg.seed),
         "device": str(device),
         "image_size": [int(images.shape[1]), int(images.shape[2])],
+        **speed.as_metrics(),  # precision: the TF32 setting resolved (auto -> tf32 on CUDA); dtype: the pipeline's
+        "dtype": str(_denoiser(pipe).dtype).removeprefix("torch."),
+        **compiled.as_metrics(),
     }
     save_json(metrics, out_dir / "metrics.json")
     log.info("%d images in %.2f s of pipeline calls (%.3f images/s), steps per model %s", metrics["num_images"],

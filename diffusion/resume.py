@@ -4,25 +4,32 @@ The folder's state is its files, nothing else:
 
 * `000000.png`, ... one per sample index, each written atomically (diffusion.outputs), so a
   PNG under its final name is complete; a killed run leaves at most hidden temporaries
-  (`.000007.png.tmp<pid>`), which the next run deletes.
+  (`.000007.png.tmp<pid>`), which the next run deletes. A PNG counts as done only when it
+  decodes and has the run's image size: one damaged since (a zero-byte copy, a truncated
+  file) is made again.
 * `samples_config.json`: the part of the config that decides the images (model, sampler,
   schedule, accel, seed, labels, ...; not num_samples, batch_size, device, logging). A rerun
   with another such config into the folder is refused: its PNGs would mix two experiments.
 * `samples.npz`, `grid.png`, `metrics.json`: rebuilt at the end from the first num_samples
   PNGs on disk whenever this run added samples (or they do not match num_samples).
 * `done`: written last; says the folder holds num_samples complete samples. A rerun that
-  finds it (same num_samples, same config) does nothing.
+  finds it (same num_samples, same config, every PNG and samples.npz sound) does nothing.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from .outputs import sample_filename, save_json
+from .outputs import npz_array_header, sample_filename, save_json
+
+log = logging.getLogger(__name__)
 
 DONE = "done"
 CONFIG_FILE = "samples_config.json"
@@ -65,10 +72,27 @@ def grid_batches(indices, batch_size: int) -> list[list[int]]:
     return [batches[b] for b in sorted(batches)]
 
 
+def png_problem(path: Path, size: tuple[int, int] | None) -> str | None:
+    """None when path is a PNG that decodes (to size = (width, height), if given), else what is wrong."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every row: a truncated file fails here
+            if size is not None and image.size != size:
+                return f"{image.size[0]}x{image.size[1]} pixels, expected {size[0]}x{size[1]}"
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        return f"does not decode ({type(err).__name__}: {err})"
+    return None
+
+
 class SampleFolder:
-    def __init__(self, out_dir: str | Path, num_samples: int):
+    def __init__(self, out_dir: str | Path, num_samples: int, image_size: int | None = None):
+        """image_size: the side of the run's square images; PNGs of another size count as damaged."""
         self.dir = Path(out_dir)
         self.num_samples = int(num_samples)
+        self.size = None if image_size is None else (int(image_size), int(image_size))
+        self._missing: list[int] | None = None
 
     def png(self, k: int) -> Path:
         return self.dir / sample_filename(k)
@@ -86,9 +110,13 @@ class SampleFolder:
                              "or write to a new folder (hydra.run.dir=...)")
 
     def is_done(self) -> bool:
-        """The done marker for this num_samples, and every PNG and samples.npz on disk."""
+        """The done marker for this num_samples, every PNG sound, and samples.npz holding them all."""
         path = self.dir / DONE
-        if not path.is_file() or not (self.dir / "samples.npz").is_file():
+        header = npz_array_header(self.dir / "samples.npz")
+        shape = header[0] if header is not None else ()
+        if not path.is_file() or len(shape) != 4 or shape[0] != self.num_samples:
+            return False
+        if self.size is not None and shape[1:3] != self.size[::-1]:
             return False
         try:
             marker = json.loads(path.read_text())
@@ -97,10 +125,22 @@ class SampleFolder:
         return marker.get("num_samples") == self.num_samples and not self.missing()
 
     def existing(self) -> list[int]:
-        return [k for k in range(self.num_samples) if self.png(k).is_file()]
+        missing = set(self.missing())
+        return [k for k in range(self.num_samples) if k not in missing]
 
     def missing(self) -> list[int]:
-        return [k for k in range(self.num_samples) if not self.png(k).is_file()]
+        """Indices without a sound PNG (absent, or damaged: these are logged and made again).
+        Every PNG is decoded once per SampleFolder (threads: decoding releases the GIL)."""
+        if self._missing is None:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                problems = list(pool.map(lambda k: png_problem(self.png(k), self.size), range(self.num_samples)))
+            damaged = [(k, p) for k, p in enumerate(problems) if p not in (None, "missing")]
+            for k, problem in damaged[:10]:
+                log.warning("%s: %s; it will be made again", self.png(k), problem)
+            if len(damaged) > 10:
+                log.warning("... and %d more damaged PNGs, made again too", len(damaged) - 10)
+            self._missing = [k for k, p in enumerate(problems) if p is not None]
+        return list(self._missing)
 
     def prepare(self, config: dict) -> list[int]:
         """Claim the folder for a run (rank 0 only): record the config, drop a stale done marker
@@ -109,6 +149,7 @@ class SampleFolder:
         for tmp in self.dir.glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
         missing = self.missing()
+        self._missing = None  # the run fills them in: look again next time
         if missing:
             (self.dir / DONE).unlink(missing_ok=True)
         save_json(config, self.dir / CONFIG_FILE)

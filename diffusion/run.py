@@ -20,7 +20,9 @@ from .collect import RankResult, combine, first_steps, write_folder_outputs
 from .compile import CompileStats
 from .generate import check_counts, generate
 from .context import SamplingPlan
+from .checkpoint_files import checkpoint_setting
 from .distributed import Dist, batches_for_rank
+from .folder_lock import claim_folder
 from .macs import count_macs, count_sampling_macs
 from .outputs import save_json
 from .random_weights import fill_zero_init_layers
@@ -57,6 +59,11 @@ def resolve_device(name: str) -> torch.device:
 def model_configs(cfg: DictConfig) -> list[DictConfig]:
     """The run's denoiser configs in the order they run: accel.models..., then model."""
     return list((cfg.accel.get("models") or {}).values()) + [cfg.model]
+
+
+def model_keys(cfg: DictConfig) -> list[str]:
+    """The config keys of model_configs(cfg): accel.models.<name>..., then model."""
+    return [f"accel.models.{k}" for k in (cfg.accel.get("models") or {})] + ["model"]
 
 
 def model_names(configs) -> list[str]:
@@ -180,16 +187,18 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
 
     Resumes: samples already in out_dir are kept and only the missing ones are made; a folder
     marked done does nothing. dist (diffusion.distributed): this process's share of a run
-    over several processes (default: a single process).
+    over several processes (default: a single process). The folder is locked for the run
+    (diffusion.folder_lock: a second run into it is refused).
     """
-    with cpu_threads(cfg.get("num_threads")):
+    dist = dist or Dist()
+    with claim_folder(out_dir, "out_dir", dist), cpu_threads(cfg.get("num_threads")):
         if cfg.model.get("kind") == "pipeline":  # diffusers pipelines (SD, SD-XL, PixArt, ...): their own module
             if dist is not None and dist.world_size > 1:
                 raise ValueError("text/image pipelines (model kind: pipeline) run in one process for now, without "
                                  "resume; launch them without torchrun/accelerate (or split the prompts over jobs)")
             from .pipeline_run import run_pipeline_from_config
             return run_pipeline_from_config(cfg, out_dir, resolve_device(cfg.device))
-        return _run_from_config(cfg, out_dir, dist or Dist())
+        return _run_from_config(cfg, out_dir, dist)
 
 
 def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
@@ -197,10 +206,10 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     device = dist.device(resolve_device(cfg.device))
     speed = Speed.from_config(cfg, device)  # precision resolved (auto -> tf32 on CUDA, fp32 on CPU), compile checked
     # --- resume (diffusion/resume.py): read-only checks before any work ---
-    folder = SampleFolder(out_dir, cfg.num_samples)
+    folder = SampleFolder(out_dir, cfg.num_samples, image_size=int(cfg.model.image_size))
     folder_config = samples_config(cfg, precision=speed.precision)
     folder.check_config(folder_config)
-    if folder.is_done():
+    if dist.on_main(folder.is_done):  # rank 0 decodes the PNGs on disk once
         log.info("%s already holds the %d samples (done marker): nothing to do", out_dir, cfg.num_samples)
         return folder.previous_metrics()
     # --- end resume ---
@@ -220,13 +229,17 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if cfg.vae.get("_target_"):  # e.g. vae=vq_f8: an LDM's own first stage, from its checkpoint
-            stage = call_target(cfg.vae, pretrained=cfg.pretrained, device=device)
+            with checkpoint_setting("vae.ckpt"):
+                stage = call_target(cfg.vae, pretrained=cfg.pretrained, device=device)
         else:
             stage = load_first_stage(cfg.vae, pretrained=cfg.pretrained, device=device)
         if image_size % stage.factor:
             raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
         latent_size = image_size // stage.factor
-        models = [speed.cast(build_denoiser(c, latent_size, cfg.pretrained, device)) for c in configs]
+        models = []
+        for key, c in zip(model_keys(cfg), configs):
+            with checkpoint_setting(f"{key}.ckpt"):  # read errors name the setting
+                models.append(speed.cast(build_denoiser(c, latent_size, cfg.pretrained, device)))
     stage.to(speed.dtype)
     latent_channels = stage.latent_channels
     for name, model in zip(names, models):
@@ -264,7 +277,7 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
                 null_label=cfg.model.num_classes, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
                 cfg_scale=cfg.sampler.cfg_scale, guided_channels=cfg.model.get("guided_channels"),
                 hooks=hooks, cond_key=cfg.model.get("cond_key", "y"), out_dir=folder.dir, progress=cfg.progress,
-                batches=batches, keep_images=False, model_dtype=speed.dtype,
+                batches=batches, keep_images=False, model_dtype=speed.dtype, model_names=names,
             )
     finally:
         for hook in hooks:

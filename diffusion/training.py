@@ -12,6 +12,7 @@ Models are built through their config's `_target_` (as diffusion.run does): no m
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checkpoint_files import checkpoint_setting
 from .checkpointing import checkpoint_name, export_state, latest_checkpoint, load_train_state, save_checkpoint, train_state
 from .data import StepBatchSampler
+from .folder_lock import claim_folder
 from .ema import ema_decay_at, make_ema, update_ema
 from .losses import DiffusionLoss
 from .outputs import save_json
@@ -82,9 +85,20 @@ class Encoder:
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run cfg.steps optimisation steps in total (counting resumed ones); returns a summary also
     written to <out_dir>/train_metrics.json. num_threads: small models on a busy CPU train ~20x
-    faster (measured here) on one thread than on two fighting another process for a core."""
-    with cpu_threads(cfg.get("num_threads")):
+    faster (measured here) on one thread than on two fighting another process for a core.
+    The run folder is locked for the run (diffusion.folder_lock: one run per folder)."""
+    with claim_folder(out_dir), cpu_threads(cfg.get("num_threads")):
         return _train(cfg, out_dir)
+
+
+def _earlier_losses(state: dict, out_dir: Path, start: int) -> tuple[list, list]:
+    """(history, window) of the steps before `start`: from the checkpoint, or for checkpoints
+    written before they kept it, the history in the run's train_metrics.json."""
+    if "losses" in state:
+        return [tuple(x) for x in state["losses"]["history"]], list(state["losses"]["window"])
+    path = out_dir / "train_metrics.json"
+    history = json.loads(path.read_text()).get("loss_history", []) if path.is_file() else []
+    return [tuple(x) for x in history if x[0] <= start], []
 
 
 def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
@@ -114,13 +128,17 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
 
     start = 0
+    window: list[float] = []  # recent losses for the progress bar and the log
+    history = []              # (step, mean loss over the last log window)
     path = resume_path(cfg, out_dir)
     if path is not None:
-        state = load_train_state(path)
+        with checkpoint_setting("resume"):
+            state = load_train_state(path)
         model.load_state_dict(state["model"], strict=True)
         ema.load_state_dict(state["ema"], strict=True)
         opt.load_state_dict(state["opt"])
         start = int(state["step"])
+        history, window = _earlier_losses(state, out_dir, start)
         log.info("resumed from %s at step %d", path, start)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("training %s (%d trainable parameters) on %d images, steps %d -> %d, batch %d, on %s, into %s",
@@ -129,8 +147,6 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps),
                         num_workers=int(cfg.num_workers))
     flip = bool(getattr(dataset, "flip", False))
-    window: list[float] = []  # recent losses for the progress bar and the log
-    history = []              # (step, mean loss over the last log window)
     t0, step = time.perf_counter(), start
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, dynamic_ncols=True)
     for step, (x, y) in enumerate(loader, start=start):
@@ -157,9 +173,13 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
             bar.set_postfix(loss=f"{mean:.4f}", mse=f"{losses['mse'].mean().item():.4f}",
                             vb=f"{losses['vb'].mean().item():.4f}")
             log.info("step %d loss %.4f (mean of the last %d steps)", done, mean, len(window))
-            window.clear()
+            if done % cfg.log_every == 0:
+                window.clear()  # (a last step off the log grid keeps it: a resumed run carries it on)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            saved = save_checkpoint(out_dir / "checkpoints" / checkpoint_name(done), train_state(model, ema, opt, done, config))
+            # the log on the grid and the losses since: a resumed run logs exactly what an uninterrupted one does
+            on_grid = [h for h in history if h[0] % cfg.log_every == 0]
+            saved = save_checkpoint(out_dir / "checkpoints" / checkpoint_name(done), train_state(
+                model, ema, opt, done, config, {"history": on_grid, "window": window}))
             log.info("saved %s", saved)
     bar.close()
     seconds = time.perf_counter() - t0

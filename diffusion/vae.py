@@ -86,7 +86,7 @@ class FirstStage:
 
     def to(self, dtype: torch.dtype) -> FirstStage:
         """The network in `dtype` (precision bf16/fp16; decode casts the latents to it). Pixel space has none."""
-        if self.vae is not None:
+        if self.vae is not None and self.vae.dtype != dtype:  # (diffusers warns on every .to(dtype))
             self.vae.to(dtype)
         return self
 

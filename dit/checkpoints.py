@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from diffusion.checkpoint_files import check_finite, read_torch_file
 from diffusion.state_dicts import load_state_dict_checked
 from dit.convert import (
     diffusers_to_official,
@@ -106,26 +106,23 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
 
     .pt files are read with weights_only=True: arbitrary pickled objects are
     refused. argparse.Namespace is allowed because DiT's train.py stores its args.
+    Unreadable files and weights holding NaN/inf are a CheckpointError (diffusion.checkpoint_files).
     """
     path = Path(path)
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointNotFoundError(f"{path} is a folder but not a diffusers DiT folder (no config.json + weights)")
         state_dict, config = load_diffusers_dit(path)
+        check_finite(state_dict, path)
         return diffusers_to_official(state_dict, config)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path}: refused to unpickle (weights_only=True allows only tensors and plain containers): {exc}"
-        ) from exc
+    obj = read_torch_file(path, safe_globals=[argparse.Namespace])
     if isinstance(obj, dict) and "ema" in obj:
         obj = obj["ema"]
     elif isinstance(obj, dict) and "model" in obj:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), got {type(obj).__name__}")
+    check_finite(obj, path)
     return obj
 
 

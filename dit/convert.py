@@ -255,16 +255,16 @@ def read_diffusers_config(folder: str | Path) -> dict:
 
 def load_diffusers_dit(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a `save_pretrained` folder (or pipeline folder) -> (diffusers state dict, config). Offline."""
-    from safetensors.torch import load_file
+    from diffusion.checkpoint_files import read_safetensors
 
     config = read_diffusers_config(folder)
     folder = _diffusers_dir(folder)
     single = folder / DIFFUSERS_WEIGHTS
     if single.is_file():
-        return load_file(single, device="cpu"), config
+        return read_safetensors(single), config
     # Sharded save: the index maps each key to its shard file.
     index = json.loads((folder / f"{DIFFUSERS_WEIGHTS}.index.json").read_text())
     state_dict: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index["weight_map"].values())):
-        state_dict.update(load_file(folder / shard, device="cpu"))
+        state_dict.update(read_safetensors(folder / shard))
     return state_dict, config

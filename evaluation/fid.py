@@ -20,6 +20,7 @@ from `arr_0` with this network instead).
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,42 @@ def load_reference(path: str | Path) -> Reference:
     if images is not None:
         check_images(images, f"reference {path} arr_0")
     return Reference(images, mu, sigma, str(path))
+
+
+def check_reference(path, key: str = "reference") -> None:
+    """What load_reference needs, checked without reading the images (before a run samples):
+    an existing folder with images, or an .npz whose arr_0 header says uint8 (N, H, W, 3) and/or
+    with mu and sigma. Raises UserError `key=path: ...`."""
+    from diffusion.errors import UserError
+    from diffusion.outputs import npz_array_header
+
+    allowed = "give an .npz (arr_0: uint8 images N x H x W x 3, and/or mu and sigma) or a folder of images"
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        first = next((q for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is None:
+            raise UserError.setting(key, path, f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))}); {allowed}")
+        try:
+            with Image.open(first) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UserError.setting(key, path, f"its image {first.name} does not decode ({err})") from None
+        return
+    if not p.is_file():
+        raise UserError.setting(key, path, f"no such file or folder; {allowed}")
+    if p.suffix != ".npz":
+        raise UserError.setting(key, path, f"not an .npz; {allowed}")
+    try:
+        with zipfile.ZipFile(p) as archive:
+            keys = {name.removesuffix(".npy") for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile) as err:
+        raise UserError.setting(key, path, f"not a readable .npz ({err}); {allowed}") from None
+    if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+        raise UserError.setting(key, path, f"holds {sorted(keys)}; {allowed}")
+    if "arr_0" in keys:
+        shape, dtype = npz_array_header(p) or (None, None)
+        if shape is None or len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+            raise UserError.setting(key, path, f"arr_0 is {dtype} of shape {shape}; {allowed}")
 
 
 def check_images(images, what: str) -> None:

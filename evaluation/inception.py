@@ -15,6 +15,7 @@ Score uses (the softmax over the graph's 1008 outputs, from its final layer).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -40,7 +41,11 @@ def _state_dict(weights: str | Path | None):
         raise FileNotFoundError(f"Inception weights {path} not found: give the path of {WEIGHTS_FILE} "
                                 f"(from {pfi.FID_WEIGHTS_URL})")
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        from diffusion.checkpoint_files import check_finite, read_torch_file
+
+        state = read_torch_file(path)
+        check_finite(state, path)
+        return state
     try:
         return torch.hub.load_state_dict_from_url(pfi.FID_WEIGHTS_URL, progress=True, map_location="cpu")
     except Exception as err:  # offline: URLError, or any failure of the download
@@ -48,6 +53,34 @@ def _state_dict(weights: str | Path | None):
             f"the FID Inception weights are not in {path} and could not be downloaded ({type(err).__name__}: {err}). "
             f"Download {pfi.FID_WEIGHTS_URL} on a machine with internet and put it at {path} "
             f"(or anywhere, and pass evaluate.inception_weights=PATH / --inception-weights PATH)") from err
+
+
+def check_inception_weights(weights: str | Path | None, key: str = "inception_weights") -> None:
+    """Before any sampling: the weights file reads (safely), holds finite values and fits pytorch-fid's
+    network. weights=None fetches the file into torch hub's cache now when it is not there, so a
+    failed download stops the run before sampling rather than after. "random" needs nothing."""
+    import pytorch_fid.inception as pfi
+
+    from diffusion.checkpoint_files import checkpoint_setting
+    from diffusion.errors import UserError
+
+    if weights == "random":
+        return
+    try:
+        with checkpoint_setting(key):
+            state = _state_dict(weights)
+    except FileNotFoundError as err:
+        raise UserError.setting(key, weights, str(err)) from None
+    try:  # the real architecture on `meta`: key and shape checks, no memory, no init time
+        with torch.device("meta"), mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op": what we want here
+            pfi.fid_inception_v3()
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise UserError.setting(key, weights if weights is not None else default_weights_path(),
+                                f"not pytorch-fid's Inception weights ({WEIGHTS_FILE}): "
+                                + " ".join(lines[1:3])[:300]) from None
 
 
 def _fid_inception(weights: str | Path | None) -> nn.Module:

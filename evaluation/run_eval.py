@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion.errors import UserError
 from diffusion.outputs import save_json
-from evaluation.fid import evaluate_images, load_reference
-from evaluation.inception import InceptionFeatures
+from evaluation.fid import check_reference, evaluate_images, load_reference
+from evaluation.inception import DIMS_TO_BLOCK, InceptionFeatures, check_inception_weights
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,25 @@ def _device(name: str | None) -> str:
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def check_evaluate_settings(settings, prefix: str = "evaluate.") -> None:
+    """Every evaluation setting, before a sampling run starts (so that a bad one does not surface
+    after hours of sampling): the reference, the Inception weights (fetched now if they are not
+    cached), dims, batch_size, nearest_k, reference_stats. Raises UserError `evaluate.key=value: ...`."""
+    get = settings.get if hasattr(settings, "get") else lambda k, d=None: getattr(settings, k, d)
+    check_reference(get("reference"), prefix + "reference")
+    dims = get("dims", 2048)
+    if dims not in DIMS_TO_BLOCK:
+        raise UserError.setting(prefix + "dims", dims, f"allowed are {sorted(DIMS_TO_BLOCK)} (pytorch-fid's feature sizes)")
+    for key in ("batch_size", "nearest_k"):
+        value = get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError.setting(prefix + key, value, "must be an integer >= 1")
+    if get("reference_stats", "auto") not in ("auto", "images"):
+        raise UserError.setting(prefix + "reference_stats", get("reference_stats"),
+                                "allowed are auto (the .npz's own mu/sigma when present) and images")
+    check_inception_weights(get("inception_weights"), prefix + "inception_weights")
 
 
 def evaluate_into_run(run_dir: str | Path, settings, device: str | None = "auto", net: InceptionFeatures | None = None) -> dict:

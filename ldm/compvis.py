@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion.checkpoint_files import check_finite, read_safetensors, read_torch_file
 from diffusion.state_dicts import load_state_dict_checked
 
 from .conditioning import ClassConditionalLDM, ClassEmbedder
@@ -84,25 +84,22 @@ def class_embedder_from_config(cond_stage_config) -> ClassEmbedder:
 
 
 def load_compvis_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a CompVis `.ckpt` (or a `.safetensors`), read without unpickling code."""
+    """The `state_dict` of a CompVis `.ckpt` (or a `.safetensors`), read without unpickling code.
+
+    Unreadable files and weights holding NaN/inf are a CheckpointError (diffusion.checkpoint_files);
+    a Lightning checkpoint that pickles training objects is refused unread.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LDM checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise ValueError(
-            f"{path} cannot be read safely (weights_only=True): {err}. Lightning checkpoints sometimes "
-            "pickle training objects; if you trust the file, re-save its state dict once, e.g. "
-            "torch.save({'state_dict': torch.load(p, weights_only=False)['state_dict']}, 'clean.ckpt')"
-        ) from err
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict with a 'state_dict', got {type(ckpt).__name__}")
+        state = read_safetensors(path)
+    else:
+        ckpt = read_torch_file(path, mmap=True)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a dict with a 'state_dict', got {type(ckpt).__name__}")
+    check_finite(state, path)
     return state
 
 

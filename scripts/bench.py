@@ -16,6 +16,7 @@ from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.run import resolve_device
 from diffusion.solvers import build_solver
+from diffusion.speed import Speed
 from dit import build_dit
 from tstitch.bench import format_table, time_ratios
 
@@ -27,22 +28,26 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    speed = Speed.from_config(cfg, device)
     latent = cfg.image_size // 8
     torch.manual_seed(0)
     small, large = (build_dit(name, input_size=latent) for name in (cfg.small, cfg.large))
     for model in (small, large):  # random weights as pretrained=false draws them: outputs that depend on the input
         fill_zero_init_layers(model)
-    small, large = small.to(device), large.to(device)
+        speed.compile_model(speed.cast(model.to(device)))
     solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
-    rows = time_ratios(small, large, solver, list(cfg.ratios), latent_shape=(4, latent, latent),
-                       batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, repeats=cfg.repeats,
-                       warmup=cfg.warmup, device=device)
+    with speed.matmuls():
+        rows = time_ratios(small, large, solver, list(cfg.ratios), latent_shape=(4, latent, latent),
+                           batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, repeats=cfg.repeats,
+                           warmup=cfg.warmup, device=device, model_dtype=speed.dtype)
     table = format_table(rows, cfg.small, cfg.large)
     threads = torch.get_num_threads()
     print(f"\n{cfg.small} -> {cfg.large}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, "
-          f"cfg {cfg.cfg_scale}, {device} ({threads} threads), median of {cfg.repeats}\n{table}")
+          f"cfg {cfg.cfg_scale}, {speed.precision}, compile={speed.compile}, {device} ({threads} threads), "
+          f"median of {cfg.repeats}\n{table}")
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
-    save_json({"rows": rows, "device": str(device), "threads": threads, "config": json.loads(json.dumps(
+    save_json({"rows": rows, "device": str(device), "threads": threads, **speed.as_metrics(),
+               "config": json.loads(json.dumps(
         {k: (list(v) if k == "ratios" else v) for k, v in cfg.items() if k != "hydra"}))}, out)
     log.info("wrote %s", out)
 

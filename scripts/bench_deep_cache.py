@@ -15,6 +15,7 @@ from deep_cache import DeepCacheHook
 from diffusion.outputs import save_json
 from diffusion.run import build_denoiser, resolve_device
 from diffusion.solvers import NoiseSchedule, build_solver
+from diffusion.speed import Speed
 from diffusion.timing import time_with_and_without
 from tgate.counting import build_meta_denoiser, count_run
 
@@ -26,6 +27,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    speed = Speed.from_config(cfg, device)
     latent = int(cfg.model.unet.image_size)
     shape = (int(cfg.model.unet.in_channels), latent, latent)
     settings = OmegaConf.to_container(cfg.deep_cache)
@@ -42,15 +44,17 @@ def main(cfg: DictConfig) -> None:
     finally:
         hook.detach()
 
-    model = build_denoiser(cfg.model, latent, pretrained=False, device=device)
-    times = time_with_and_without([model], solver, DeepCacheHook(**settings), latent_shape=shape,
-                                  batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, null_label=cfg.model.num_classes,
-                                  repeats=cfg.repeats, warmup=cfg.warmup, device=device)
+    model = speed.compile_model(speed.cast(build_denoiser(cfg.model, latent, pretrained=False, device=device)))
+    with speed.matmuls():
+        times = time_with_and_without([model], solver, DeepCacheHook(**settings), latent_shape=shape,
+                                      batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
+                                      null_label=cfg.model.num_classes, repeats=cfg.repeats, warmup=cfg.warmup,
+                                      device=device, model_dtype=speed.dtype)
     measured, predicted = times["baseline"] / times["hooked"], plain_macs / cached_macs
     threads = torch.get_num_threads()
     print(f"\n{cfg.model.name}, latent {shape}, DDIM x{cfg.steps}, batch {cfg.batch_size}, cfg {cfg.cfg_scale}, "
           f"DeepCache interval {settings['cache_interval']} branch {settings['cache_branch_id']}, {device} "
-          f"({threads} threads), median of {cfg.repeats}\n"
+          f"({threads} threads), {speed.precision}, compile={speed.compile}, median of {cfg.repeats}\n"
           f"| | time (s) | MACs per image (G, all ops) |\n|---|---|---|\n"
           f"| baseline | {times['baseline']:.2f} | {plain_macs / 1e9:.1f} |\n"
           f"| DeepCache | {times['hooked']:.2f} | {cached_macs / 1e9:.1f} |\n"
@@ -58,7 +62,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
     save_json({"times": times, "macs": {"baseline": plain_macs, "deep_cache": cached_macs},
                "measured_speedup": measured, "predicted_speedup": predicted, "device": str(device),
-               "threads": threads, "config": OmegaConf.to_container(cfg)}, out)
+               "threads": threads, **speed.as_metrics(), "config": OmegaConf.to_container(cfg)}, out)
     log.info("wrote %s", out)
 
 

@@ -15,6 +15,7 @@ from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.run import resolve_device
 from diffusion.solvers import build_solver
+from diffusion.speed import Speed
 from dit import build_dit
 from tgate.bench import predicted_macs, time_gating
 
@@ -26,6 +27,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    speed = Speed.from_config(cfg, device)
     latent = cfg.image_size // 8
     settings = OmegaConf.to_container(cfg.tgate)
     with torch.device("meta"):
@@ -34,15 +36,18 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(0)
     model = build_dit(cfg.denoiser, input_size=latent)
     fill_zero_init_layers(model)  # random weights as pretrained=false draws them: attention that matters
-    model = model.to(device).eval()
+    model = speed.compile_model(speed.cast(model.to(device).eval()))
     solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
-    times = time_gating(model, solver, settings, latent_shape=(4, latent, latent), batch_size=cfg.batch_size,
-                        cfg_scale=cfg.cfg_scale, repeats=cfg.repeats, warmup=cfg.warmup, device=device)
+    with speed.matmuls():
+        times = time_gating(model, solver, settings, latent_shape=(4, latent, latent), batch_size=cfg.batch_size,
+                            cfg_scale=cfg.cfg_scale, repeats=cfg.repeats, warmup=cfg.warmup, device=device,
+                            model_dtype=speed.dtype)
     measured, predicted = times["baseline"] / times["gated"], macs["baseline"] / macs["gated"]
     threads = torch.get_num_threads()
     gate = " ".join(f"{k}={v}" for k, v in settings.items())
     print(f"\n{cfg.denoiser}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, cfg {cfg.cfg_scale}, "
-          f"T-GATE {gate}, {device} ({threads} threads), median of {cfg.repeats}\n"
+          f"T-GATE {gate}, {speed.precision}, compile={speed.compile}, {device} ({threads} threads), "
+          f"median of {cfg.repeats}\n"
           f"| | time (s) | MACs per image (G, all ops) |\n|---|---|---|\n"
           f"| baseline | {times['baseline']:.2f} | {macs['baseline'] / 1e9:.1f} |\n"
           f"| T-GATE | {times['gated']:.2f} | {macs['gated'] / 1e9:.1f} |\n"
@@ -50,7 +55,7 @@ def main(cfg: DictConfig) -> None:
           f"measured / predicted = {measured / predicted:.1%}")
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
     save_json({"times": times, "macs": macs, "measured_speedup": measured, "predicted_speedup": predicted,
-               "device": str(device), "threads": threads,
+               "device": str(device), "threads": threads, **speed.as_metrics(),
                "config": OmegaConf.to_container(cfg)}, out)
     log.info("wrote %s", out)
 

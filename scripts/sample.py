@@ -8,22 +8,32 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffusion.distributed import process_group, shared_output_dir
+from diffusion.errors import reports_errors
+from diffusion.folder_lock import claim_folder
+from diffusion.hydra_callbacks import run_folder_key
 from diffusion.logging_wandb import run_logger
 from diffusion.run import run_from_config
 
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
+@reports_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
     with process_group(cfg.device) as dist:
         out_dir = shared_output_dir(dist, HydraConfig.get().runtime.output_dir)
-        with run_logger(cfg, out_dir, enabled=dist.is_main) as logger:
-            metrics = run_from_config(cfg, out_dir, dist)
-            if dist.is_main and (cfg.get("evaluate") or {}).get("reference") is not None:
-                from evaluation.run_eval import evaluate_into_run  # FID etc. into metrics.json
+        with claim_folder(out_dir, run_folder_key(), dist):  # one run per folder, before anything else
+            evaluate = (cfg.get("evaluate") or {}).get("reference") is not None
+            if evaluate:  # evaluation's settings too are checked before any sampling
+                from evaluation.run_eval import check_evaluate_settings
 
-                metrics = evaluate_into_run(out_dir, cfg.evaluate, device=cfg.device)
-            logger.log_metrics(metrics)
-            logger.log_image("grid", out_dir / "grid.png")
+                dist.on_main(lambda: check_evaluate_settings(cfg.evaluate))
+            with run_logger(cfg, out_dir, enabled=dist.is_main) as logger:
+                metrics = run_from_config(cfg, out_dir, dist)
+                if dist.is_main and evaluate:
+                    from evaluation.run_eval import evaluate_into_run  # FID etc. into metrics.json
+
+                    metrics = evaluate_into_run(out_dir, cfg.evaluate, device=cfg.device)
+                logger.log_metrics(metrics)
+                logger.log_image("grid", out_dir / "grid.png")
 
 
 if __name__ == "__main__":

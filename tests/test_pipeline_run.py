@@ -190,3 +190,26 @@ def test_stitched_and_gated_pipeline_run(compose_sample, folders, tmp_path):
     stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}", "accel.tstitch.ratio=0.5"]
     run_from_config(compose_sample(*_overrides(folders, *stitched)), tmp_path / "stitched")
     assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched")))
+
+
+def test_precision_sets_the_pipeline_dtype_and_a_disagreeing_model_dtype_is_refused(compose_sample, folders, tmp_path):
+    bf16 = run_from_config(compose_sample(*_overrides(folders, "precision=bf16")), tmp_path / "bf16")
+    auto = run_from_config(compose_sample(*_overrides(folders)), tmp_path / "auto")
+    assert (bf16["precision"], bf16["dtype"]) == ("bf16", "bfloat16")
+    assert (auto["precision"], auto["dtype"]) == ("fp32", "float32")  # model.dtype=auto on a CPU
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "bf16"), _pngs(tmp_path / "auto")))
+    with pytest.raises(ValueError, match=r"precision=bf16 runs the pipeline in bfloat16, but model.dtype=float16"):
+        run_from_config(compose_sample(*_overrides(folders, "precision=bf16", "model.dtype=float16")), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"precision='half': allowed values are auto, fp32"):
+        run_from_config(compose_sample(*_overrides(folders, "precision=half")), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_regional_compile_of_a_pipeline_is_its_unets_compile_repeated_blocks(compose_sample, folders, tmp_path):
+    torch._dynamo.reset()
+    eager = run_from_config(compose_sample(*_overrides(folders)), tmp_path / "eager")
+    compiled = run_from_config(compose_sample(*_overrides(folders, "compile=regional", "compile_backend=aot_eager")),
+                               tmp_path / "compiled")
+    torch._dynamo.reset()
+    assert compiled["compile"] == "regional" and compiled["compiled_graphs"] >= 1 and eager["compiled_graphs"] == 0
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "compiled"), _pngs(tmp_path / "eager")))

@@ -135,6 +135,8 @@ def test_a_killed_process_resumes_cleanly(compose_sample, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert sorted(_pngs(tmp_path)) == ["000000.png", "000001.png"] and list(tmp_path.glob(".*tmp*"))
     assert not (tmp_path / "done").exists()
+    # the killed run's lock file is left behind; its lock died with the process, so the rerun takes it
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] != os.getpid()
     metrics = run_from_config(compose_sample(*args), tmp_path)  # the rerun (in-process: the same code path)
     assert sorted(_pngs(tmp_path)) == [f"{k:06d}.png" for k in range(6)] and not list(tmp_path.glob(".*tmp*"))
     assert metrics["num_generated"] == 4 and json.loads((tmp_path / "done").read_text())["num_samples"] == 6

@@ -93,3 +93,30 @@ def test_pipeline_models_need_the_pipeline_sampler(compose_sample, tmp_path, mod
     with pytest.raises(ValueError, match=r"is a diffusers pipeline, sampled with its own scheduler: use sampler=pipeline"):
         run_from_config(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gate_past_the_last_step_still_reuses_self_attention(compose_sample, tmp_path):
+    """gate_step >= steps (item 5 of issue 18): no gate and no guidance truncation, but self-attention
+    reused per sp_interval as in tgate 1.0.0 (tests/tgate_parity.py's sd_gate_past_end pins that on
+    the reference itself); sp_interval=1 warm_up=0 is the plain run. On the trained digits pair
+    (non-zero weights, so that a difference can show)."""
+    import numpy as np
+
+    from tgate import gate_table
+
+    root = CONFIGS.parent
+    digits = ["+exp=digits_stitch_0.4", "sampler.steps=6", "num_samples=4", "batch_size=4", "progress=false",
+              "num_threads=1", f"model.ckpt={root / 'checkpoints/digits/digits_l.pt'}",
+              f"accel.models.small.ckpt={root / 'checkpoints/digits/digits_s.pt'}"]
+    past = ["accel=tstitch_tgate", "accel.tgate.gate_step=99", "accel.tgate.sp_interval=3", "accel.tgate.warm_up=1"]
+    runs = {name: run_from_config(compose_sample(*digits, *extra), tmp_path / name) for name, extra in (
+        ("plain", []), ("past", past), ("off", [*past, "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]))}
+    images = {name: np.load(tmp_path / name / "samples.npz")["arr_0"] for name in runs}
+    table = gate_table(6, gate_step=99, sp_interval=3, fi_interval=1, warm_up=1)
+    assert all(a.guidance and a.cross_attn == "compute" for a in table)  # no gate, no truncation
+    assert [a.self_attn.value for a in table] == ["compute", "compute_and_cache", "reuse", "compute_and_cache",
+                                                  "reuse", "reuse"]
+    assert np.abs(images["past"].astype(int) - images["plain"].astype(int)).max() > 0  # reuse changes the images
+    assert runs["past"]["macs_per_image"] < runs["plain"]["macs_per_image"]           # ... and saves work
+    np.testing.assert_array_equal(images["off"], images["plain"])
+    assert runs["off"]["macs_per_image"] == runs["plain"]["macs_per_image"]

@@ -68,7 +68,7 @@ def test_checkpoint_round_trips_in_the_official_layout(compose_train, tmp_path):
     cfg = compose_train("steps=3", "ckpt_every=3", f"export={tmp_path / 'export.pt'}")
     train(cfg, tmp_path)
     state = load_train_state(tmp_path / "checkpoints" / "0000003.pt")
-    assert set(state) == {"model", "ema", "opt", "config", "step"} and state["step"] == 3
+    assert set(state) == {"model", "ema", "opt", "config", "step", "losses"} and state["step"] == 3
     assert state["config"]["model"]["arch"]["hidden_size"] == 32 and state["config"]["lr"] == 1e-3
     # no temporary files left next to the checkpoints (written under a temporary name, then renamed)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003.pt"]
@@ -126,3 +126,51 @@ def test_train_script_from_the_command_line(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "0000002.pt").is_file() and (tmp_path / "train_metrics.json").is_file()
+
+
+def test_resume_keeps_the_loss_history(compose_train, tmp_path):
+    """Item 8 of issue 18: train_metrics.json after resume=latest holds the whole history, equal to
+    the uninterrupted run's (the cut at step 3 falls inside a log window of 2 steps)."""
+    straight = train(compose_train("steps=6", "ckpt_every=3", "log_every=2"), tmp_path / "straight")
+    train(compose_train("steps=3", "ckpt_every=3", "log_every=2"), tmp_path / "cut")
+    resumed = train(compose_train("steps=6", "ckpt_every=3", "log_every=2", "resume=latest"), tmp_path / "cut")
+    assert resumed["resumed_from"] == 3
+    assert [s for s, _ in straight["loss_history"]] == [2, 4, 6]
+    assert resumed["loss_history"] == straight["loss_history"]
+    saved = json.loads((tmp_path / "cut" / "train_metrics.json").read_text())["loss_history"]
+    assert saved == [list(x) for x in straight["loss_history"]]
+
+
+def test_checkpoints_without_the_history_take_it_from_train_metrics(compose_train, tmp_path):
+    """Checkpoints written before they kept the history: the run's train_metrics.json supplies it."""
+    first = train(compose_train("steps=4", "ckpt_every=4", "log_every=2"), tmp_path)
+    path = tmp_path / "checkpoints" / "0000004.pt"
+    state = torch.load(path, weights_only=True)
+    del state["losses"]
+    torch.save(state, path)
+    resumed = train(compose_train("steps=6", "ckpt_every=2", "log_every=2", "resume=latest"), tmp_path)
+    assert resumed["loss_history"][:2] == [tuple(x) for x in first["loss_history"]]
+    assert [s for s, _ in resumed["loss_history"]] == [2, 4, 6]
+
+
+def test_a_killed_training_run_resumes_to_the_same_weights_and_history(compose_train, tmp_path):
+    """kill -9 right after the checkpoint of step 4 (no cleanup runs, the folder lock dies with the
+    process); `resume=latest` ends bit for bit where an uninterrupted run does, loss history included."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [*TINY, "steps=6", "ckpt_every=2", "log_every=3", f"hydra.run.dir={tmp_path / 'cut'}"]
+    killed = subprocess.run([sys.executable, "tests/script_faults.py", "scripts/train.py", *args], cwd=ROOT,
+                            env={**env, "FAULT_KILL_AFTER_CHECKPOINT": "4"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
+    assert (tmp_path / "cut" / ".lock").is_file()  # left by the killed run; its lock died with it
+    resumed = train(compose_train("steps=6", "ckpt_every=2", "log_every=3", "resume=latest"), tmp_path / "cut")
+    assert resumed["resumed_from"] == 4
+    straight = train(compose_train("steps=6", "ckpt_every=2", "log_every=3"), tmp_path / "straight")
+    a = load_train_state(tmp_path / "straight/checkpoints/0000006.pt")
+    b = load_train_state(tmp_path / "cut/checkpoints/0000006.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    history = json.loads((tmp_path / "cut" / "train_metrics.json").read_text())["loss_history"]
+    assert history == [list(x) for x in straight["loss_history"]] and [s for s, _ in history] == [3, 6]

@@ -23,6 +23,9 @@ PIXART = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference
 
 CASES = {
     "sd": ("sd", "TgateSDLoader", {}, {**TEXT, **GATE}),
+    # a gate past the last of the 8 steps: no gate, guidance at every step, but self-attention still
+    # cached at warm_up and reused between sp_interval steps (what the docs say gate_step >= steps means)
+    "sd_gate_past_end": ("sd", "TgateSDLoader", {}, {**TEXT, **GATE, "gate_step": 20}),
     "sdxl": ("sdxl", "TgateSDXLLoader", {}, {**TEXT, **GATE}),
     "pixart_alpha": ("pixart_alpha", "TgatePixArtAlphaLoader", {}, {**PIXART, **GATE}),
     "pixart_sigma": ("pixart_sigma", "TgatePixArtSigmaLoader", {}, {**PIXART, **GATE}),

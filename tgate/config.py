@@ -11,8 +11,10 @@ BRANCHES = ("cond", "uncond")
 @dataclass(frozen=True)
 class TGateConfig:
     """gate_step: first step without guidance (the cross-attention outputs of step
-    gate_step - 1 are cached and reused from then on); a value past the last step
-    switches gating off. sp_interval / fi_interval: self-attention is recomputed every
+    gate_step - 1 are cached and reused from then on); a value past the last step means
+    no gate (cross-attention and guidance at every step) but, as in tgate 1.0.0, still
+    self-attention reuse per sp_interval from warm_up on: the plain model is
+    sp_interval=1, warm_up=0 (or no T-GATE). sp_interval / fi_interval: self-attention is recomputed every
     sp_interval steps before the gate and every fi_interval steps after it (1 = always).
     warm_up: steps before the first self-attention cache. lcm: the denoiser runs
     without a CFG batch (LCM), so caches keep their shape.

@@ -45,7 +45,9 @@ def _is_int(value) -> bool:
 def check_schedule(gate_step, sp_interval, fi_interval, warm_up, lcm=False) -> None:
     """Raise ValueError naming the first bad setting and its allowed range.
 
-    A gate_step past the last step is allowed: it switches gating (and truncation) off.
+    A gate_step past the last step is allowed: no gate is reached (cross-attention computed and
+    guidance run at every step), but self-attention is still reused per sp_interval from warm_up
+    on, as in tgate 1.0.0; sp_interval=1 with warm_up=0 (or no T-GATE) is the plain model.
     """
     for key, value, low in (("gate_step", gate_step, 1), ("sp_interval", sp_interval, 1),
                             ("fi_interval", fi_interval, 1), ("warm_up", warm_up, 0)):

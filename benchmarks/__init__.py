@@ -1,0 +1,1 @@
+"""Benchmarks that compose models, techniques and peers (scripts/bench_peers.py)."""

@@ -1,0 +1,220 @@
+"""Ours against diffusers on one DiT, same weights, labels and noise: the rows of scripts/bench_peers.py.
+
+(a) diffusers' DiTTransformer2DModel holding our weights (dit.convert), driven by our sampler: the
+    like-for-like row (only its timestep frequencies differ: diffusers divides by half - 1)
+(b) diffusers' DiTPipeline as a user runs it: its own DDIM spacing, loop and scheduler steps on the
+    doubled batch; its VAE decode is timed apart and left out of the row's time
+(c) ours, eager, fp32          (d) ours, compile=regional
+(e) ours in bf16, eager and with compile=regional
+(f) T-Stitch: DiT-S/2 for the first `ratio` of the steps, then the model; eager and compiled, in
+    `stitch_precision` (fp32, tf32 or bf16: on a GPU, the fastest plain setting)
+On CUDA two more rows: ours in tf32, eager and compiled (on a CPU tf32 is fp32 bit for bit).
+
+Every row samples the same `batch_size` images (class labels and per-sample noise from the seed)
+with DDIM and guidance on all four latent channels (guided_channels=null, what diffusers does).
+Rows are timed round-robin (repeat 1 of every row, then repeat 2, ...): a drift of the machine hits
+all of them; the median of each row is reported. Compiled and eager rows share one model (compiled
+in place, eager under torch.compiler.set_stance("force_eager")), so XL/2 fits in memory three times
+at most (fp32, bf16, the diffusers copy).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+from diffusion.compile import CompileStats, compile_denoiser
+from diffusion.precision import tf32_matmuls
+from diffusion.random_weights import fill_zero_init_layers
+from diffusion.sampler import sample
+from diffusion.seeding import initial_noise, sample_generators
+from diffusion.solvers import build_solver
+from dit import build_dit
+from dit.convert import official_to_diffusers
+from tstitch import TStitchHook
+
+
+class DiffusersDenoiser(torch.nn.Module):
+    """diffusers' DiT behind our denoiser interface model(x, t, y) -> (B, 2C, H, W)."""
+
+    def __init__(self, model: DiTTransformer2DModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y):
+        return self.model(x, timestep=t, class_labels=y).sample
+
+
+@dataclass
+class Row:
+    key: str                       # a, b, c, ...
+    label: str
+    # samples the batch: (final latents (B, C, H, W), seconds inside the call not to count: (b)'s VAE decode)
+    run: Callable[[], tuple[torch.Tensor, float]]
+    eager: bool = False            # run under set_stance("force_eager") (a compiled model's eager twin)
+    precision: str = "fp32"        # TF32 on (tf32) or off (fp32) for the row's matmuls, on CUDA
+    seconds: list[float] = field(default_factory=list)
+    extra_seconds: list[float] = field(default_factory=list)  # what was left out of `seconds` ((b): VAE decode)
+    latents: torch.Tensor | None = None
+    peak_bytes: int | None = None
+    compile_seconds: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_dit(name: str, latent: int, device: torch.device) -> torch.nn.Module:
+    """`name` with pretrained=false's random weights (non-zero outputs), float32, eval."""
+    model = build_dit(name, input_size=latent)
+    fill_zero_init_layers(model)
+    return model.to(device).eval()
+
+
+def random_sd_vae(arch: dict, device: torch.device) -> AutoencoderKL:
+    return AutoencoderKL(**arch).to(device).eval()
+
+
+def build_rows(name: str, small_name: str, *, image_size: int, steps: int, cfg_scale: float, batch_size: int,
+               ratio: float, vae_arch: dict, seed: int, device: torch.device, backend: str,
+               stitch_precision: str = "fp32") -> list[Row]:
+    """The rows for model `name` (T-Stitch rows with `small_name` unless it is the model itself)."""
+    if stitch_precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"stitch_precision={stitch_precision!r}: allowed values are fp32, tf32, bf16")
+    latent = image_size // 8
+    torch.manual_seed(seed)
+    ours = random_dit(name, latent, device)
+    dsd, dconfig = official_to_diffusers(ours.state_dict())
+    theirs = DiTTransformer2DModel(**dconfig)
+    theirs.load_state_dict(dsd)
+    theirs = theirs.to(device).eval()
+    bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    small = random_dit(small_name, latent, device) if small_name != name else None
+    if small is not None and stitch_precision == "bf16":
+        small = small.to(torch.bfloat16)
+    for model in (ours, bf16, small):
+        if model is not None:
+            compile_denoiser(model, "regional", backend)  # lazy; eager rows run under force_eager
+
+    solver = build_solver("ddim", steps, learned_variance=True)
+    gens = lambda: sample_generators(seed, range(batch_size), device)  # noqa: E731 - fresh per run
+    labels = torch.arange(batch_size, device=device) * 97 % 1000
+    null = torch.full_like(labels, 1000)
+
+    def ours_run(models, hooks=(), dtype=None):
+        def run():
+            g = gens()
+            noise = initial_noise(g, (4, latent, latent), device)
+            return sample(models, solver, noise, {"y": labels}, {"y": null}, cfg_scale=cfg_scale,
+                          guided_channels=None, hooks=list(hooks), generators=g, progress=False,
+                          model_dtype=dtype).latents, 0.0
+        return run
+
+    pipe = DiTPipeline(transformer=theirs, vae=random_sd_vae(vae_arch, device),
+                       scheduler=DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                               clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+
+    def pipeline_run():
+        captured, decode = {}, pipe.vae.decode
+
+        def timed_decode(z, *args, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            captured["latents"] = z.float() * pipe.vae.config.scaling_factor
+            out = decode(z, *args, **kwargs)
+            _sync(device)
+            captured["seconds"] = time.perf_counter() - start
+            return out
+
+        pipe.vae.decode = timed_decode
+        try:
+            pipe(class_labels=labels.tolist(), num_inference_steps=steps, guidance_scale=cfg_scale,
+                 generator=gens(), output_type="np")
+        finally:
+            del pipe.vae.decode
+        return captured["latents"], captured["seconds"]
+
+    stitch = [TStitchHook(ratio=ratio)]
+    rows = [
+        Row("a", "diffusers DiTTransformer2DModel, our sampler", ours_run([DiffusersDenoiser(theirs)])),
+        Row("b", "diffusers DiTPipeline (loop only)", pipeline_run),
+        Row("c", "ours, eager fp32", ours_run([ours]), eager=True),
+        Row("d", "ours, compile=regional", ours_run([ours])),
+        Row("e", "ours, bf16", ours_run([bf16], dtype=torch.bfloat16), eager=True),
+        Row("e+", "ours, bf16 + compile=regional", ours_run([bf16], dtype=torch.bfloat16)),
+    ]
+    if device.type == "cuda":
+        rows += [Row("c-tf32", "ours, eager tf32", ours_run([ours]), eager=True, precision="tf32"),
+                 Row("d-tf32", "ours, tf32 + compile=regional", ours_run([ours]), precision="tf32")]
+    if small is not None:
+        large, dtype = (bf16, torch.bfloat16) if stitch_precision == "bf16" else (ours, None)
+        where = "" if stitch_precision == "fp32" else f", {stitch_precision}"
+        rows += [Row("f", f"T-Stitch {ratio} ({small_name} first){where}, eager",
+                     ours_run([small, large], stitch, dtype), eager=True, precision=stitch_precision),
+                 Row("f+", f"T-Stitch {ratio} ({small_name} first){where}, compiled",
+                     ours_run([small, large], stitch, dtype), precision=stitch_precision)]
+    return rows
+
+
+def _once(row: Row, device: torch.device) -> float:
+    stance = torch.compiler.set_stance("force_eager") if row.eager else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with stance, tf32_matmuls("tf32" if row.precision == "tf32" else "fp32", device):
+        _sync(device)
+        start = time.perf_counter()
+        latents, left_out = row.run()
+        _sync(device)
+        seconds = time.perf_counter() - start - left_out
+    if left_out:
+        row.extra_seconds.append(left_out)
+    if device.type == "cuda":
+        row.peak_bytes = max(row.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
+    if row.latents is None:
+        row.latents = latents.float().cpu()
+    return seconds
+
+
+@torch.no_grad()
+def time_rows(rows: list[Row], *, repeats: int, warmup: int, device: torch.device) -> None:
+    """Warm each row up (compiling happens here, timed apart), then time them round-robin."""
+    for row in rows:
+        with CompileStats() as compiled:
+            for _ in range(warmup):
+                _once(row, device)
+        row.compile_seconds = compiled.seconds
+        row.extra_seconds.clear()
+    for _ in range(repeats):
+        for row in rows:
+            row.seconds.append(_once(row, device))
+
+
+def table(rows: list[Row], batch_size: int) -> tuple[str, list[dict]]:
+    """Markdown table and its records: seconds per image, speed-up over (a), max |latent difference|
+    from (c), peak memory, compile seconds."""
+    per_image = {r.key: statistics.median(r.seconds) / batch_size for r in rows}
+    reference = next(r for r in rows if r.key == "c").latents
+    records = []
+    lines = ["| row | | s / image | speed-up over (a) | max abs diff from (c) | peak memory (GiB) | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = (r.latents - reference).abs().max().item()
+        memory = f"{r.peak_bytes / 2**30:.2f}" if r.peak_bytes is not None else "n/a (CPU)"
+        record = {"row": r.key, "label": r.label, "seconds_per_image": per_image[r.key],
+                  "speedup_over_a": per_image["a"] / per_image[r.key], "max_abs_diff_from_c": diff,
+                  "peak_bytes": r.peak_bytes, "compile_seconds": r.compile_seconds, "runs": r.seconds}
+        if r.extra_seconds:
+            record["vae_decode_seconds_per_image"] = statistics.median(r.extra_seconds) / batch_size
+        records.append(record)
+        compile_text = f"{r.compile_seconds:.1f}" if r.compile_seconds else "-"
+        lines.append(f"| ({r.key}) | {r.label} | {per_image[r.key]:.3f} | {record['speedup_over_a']:.2f}x "
+                     f"| {diff:.2e} | {memory} | {compile_text} |")
+    return "\n".join(lines), records
