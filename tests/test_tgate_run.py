@@ -108,7 +108,8 @@ def test_a_gate_past_the_last_step_still_reuses_self_attention(compose_sample, t
     digits = ["+exp=digits_stitch_0.4", "sampler.steps=6", "num_samples=4", "batch_size=4", "progress=false",
               "num_threads=1", f"model.ckpt={root / 'checkpoints/digits/digits_l.pt'}",
               f"accel.models.small.ckpt={root / 'checkpoints/digits/digits_s.pt'}"]
-    past = ["accel=tstitch_tgate", "accel.tgate.gate_step=99", "accel.tgate.sp_interval=3", "accel.tgate.warm_up=1"]
+    past = ["accel=tstitch_digits_tgate", "accel.tgate.gate_step=99", "accel.tgate.sp_interval=3",
+            "accel.tgate.warm_up=1"]
     runs = {name: run_from_config(compose_sample(*digits, *extra), tmp_path / name) for name, extra in (
         ("plain", []), ("past", past), ("off", [*past, "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]))}
     images = {name: np.load(tmp_path / name / "samples.npz")["arr_0"] for name in runs}
