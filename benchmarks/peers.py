@@ -13,9 +13,9 @@ On CUDA two more rows: ours in tf32, eager and compiled (on a CPU tf32 is fp32 b
 Every row samples the same `batch_size` images (class labels and per-sample noise from the seed)
 with DDIM and guidance on all four latent channels (guided_channels=null, what diffusers does).
 Rows are timed round-robin (repeat 1 of every row, then repeat 2, ...): a drift of the machine hits
-all of them; the median of each row is reported. Compiled and eager rows share one model (compiled
-in place, eager under torch.compiler.set_stance("force_eager")), so XL/2 fits in memory three times
-at most (fp32, bf16, the diffusers copy).
+all of them; the median of each row is reported. Compiled rows run copies of the eager rows' models
+(same weights), compiled in place; an eager row never runs through compiled code (torch.compile's
+"force_eager" stance was measured 2.5% slower than a plain module, which would flatter compile).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -57,12 +56,12 @@ class Row:
     label: str
     # samples the batch: (final latents (B, C, H, W), seconds inside the call not to count: (b)'s VAE decode)
     run: Callable[[], tuple[torch.Tensor, float]]
-    eager: bool = False            # run under set_stance("force_eager") (a compiled model's eager twin)
+    models: list = field(default_factory=list)  # the networks the row runs (their weights count in its memory)
     precision: str = "fp32"        # TF32 on (tf32) or off (fp32) for the row's matmuls, on CUDA
     seconds: list[float] = field(default_factory=list)
     extra_seconds: list[float] = field(default_factory=list)  # what was left out of `seconds` ((b): VAE decode)
     latents: torch.Tensor | None = None
-    peak_bytes: int | None = None
+    peak_bytes: int | None = None  # CUDA: the row's weights + the most its run allocated on top
     compile_seconds: float = 0.0
 
 
@@ -99,9 +98,14 @@ def build_rows(name: str, small_name: str, *, image_size: int, steps: int, cfg_s
     small = random_dit(small_name, latent, device) if small_name != name else None
     if small is not None and stitch_precision == "bf16":
         small = small.to(torch.bfloat16)
-    for model in (ours, bf16, small):
-        if model is not None:
-            compile_denoiser(model, "regional", backend)  # lazy; eager rows run under force_eager
+
+    def compiled(model):  # a copy with the same weights, compile=regional (lazy: the warm-up compiles)
+        twin = copy.deepcopy(model)
+        compile_denoiser(twin, "regional", backend)
+        return twin
+
+    ours_c, bf16_c = compiled(ours), compiled(bf16)
+    small_c = compiled(small) if small is not None else None
 
     solver = build_solver("ddim", steps, learned_variance=True)
     gens = lambda: sample_generators(seed, range(batch_size), device)  # noqa: E731 - fresh per run
@@ -144,31 +148,36 @@ def build_rows(name: str, small_name: str, *, image_size: int, steps: int, cfg_s
 
     stitch = [TStitchHook(ratio=ratio)]
     rows = [
-        Row("a", "diffusers DiTTransformer2DModel, our sampler", ours_run([DiffusersDenoiser(theirs)])),
-        Row("b", "diffusers DiTPipeline (loop only)", pipeline_run),
-        Row("c", "ours, eager fp32", ours_run([ours]), eager=True),
-        Row("d", "ours, compile=regional", ours_run([ours])),
-        Row("e", "ours, bf16", ours_run([bf16], dtype=torch.bfloat16), eager=True),
-        Row("e+", "ours, bf16 + compile=regional", ours_run([bf16], dtype=torch.bfloat16)),
+        Row("a", "diffusers DiTTransformer2DModel, our sampler", ours_run([DiffusersDenoiser(theirs)]), [theirs]),
+        Row("b", "diffusers DiTPipeline (loop only)", pipeline_run, [theirs, pipe.vae]),
+        Row("c", "ours, eager fp32", ours_run([ours]), [ours]),
+        Row("d", "ours, compile=regional", ours_run([ours_c]), [ours_c]),
+        Row("e", "ours, bf16", ours_run([bf16], dtype=torch.bfloat16), [bf16]),
+        Row("e+", "ours, bf16 + compile=regional", ours_run([bf16_c], dtype=torch.bfloat16), [bf16_c]),
     ]
     if device.type == "cuda":
-        rows += [Row("c-tf32", "ours, eager tf32", ours_run([ours]), eager=True, precision="tf32"),
-                 Row("d-tf32", "ours, tf32 + compile=regional", ours_run([ours]), precision="tf32")]
+        rows += [Row("c-tf32", "ours, eager tf32", ours_run([ours]), [ours], precision="tf32"),
+                 Row("d-tf32", "ours, tf32 + compile=regional", ours_run([ours_c]), [ours_c], precision="tf32")]
     if small is not None:
-        large, dtype = (bf16, torch.bfloat16) if stitch_precision == "bf16" else (ours, None)
+        large, large_c = (bf16, bf16_c) if stitch_precision == "bf16" else (ours, ours_c)
+        dtype = torch.bfloat16 if stitch_precision == "bf16" else None
         where = "" if stitch_precision == "fp32" else f", {stitch_precision}"
         rows += [Row("f", f"T-Stitch {ratio} ({small_name} first){where}, eager",
-                     ours_run([small, large], stitch, dtype), eager=True, precision=stitch_precision),
+                     ours_run([small, large], stitch, dtype), [small, large], precision=stitch_precision),
                  Row("f+", f"T-Stitch {ratio} ({small_name} first){where}, compiled",
-                     ours_run([small, large], stitch, dtype), precision=stitch_precision)]
+                     ours_run([small_c, large_c], stitch, dtype), [small_c, large_c], precision=stitch_precision)]
     return rows
 
 
+def _weight_bytes(models) -> int:
+    return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+
+
 def _once(row: Row, device: torch.device) -> float:
-    stance = torch.compiler.set_stance("force_eager") if row.eager else nullcontext()
     if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with stance, tf32_matmuls("tf32" if row.precision == "tf32" else "fp32", device):
+    with tf32_matmuls("tf32" if row.precision == "tf32" else "fp32", device):
         _sync(device)
         start = time.perf_counter()
         latents, left_out = row.run()
@@ -177,7 +186,8 @@ def _once(row: Row, device: torch.device) -> float:
     if left_out:
         row.extra_seconds.append(left_out)
     if device.type == "cuda":
-        row.peak_bytes = max(row.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
+        peak = torch.cuda.max_memory_allocated(device) - before + _weight_bytes(row.models)
+        row.peak_bytes = max(row.peak_bytes or 0, peak)
     if row.latents is None:
         row.latents = latents.float().cpu()
     return seconds

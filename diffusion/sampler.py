@@ -37,9 +37,9 @@ def _cat_cond(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def _cast_floats(cond: dict, dtype: torch.dtype | None) -> dict:
+def _cast_floats(cond: dict | None, dtype: torch.dtype | None) -> dict | None:
     """Floating conditioning tensors (text context) in the network's type; labels stay integers."""
-    if dtype is None:
+    if dtype is None or cond is None:
         return cond
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
 
@@ -88,7 +88,7 @@ def sample(
     n = len(sched_steps)
     plan = SamplingPlan(n, len(models), B, cfg_scale, use_cfg, tuple(model_steps.tolist()))
     model_t = model_steps.to(device)  # (n,) moved once: no per-step host->device copies
-    cond, uncond = _cast_floats(cond, model_dtype), _cast_floats(uncond, model_dtype) if uncond is not None else None
+    cond, uncond = _cast_floats(cond, model_dtype), _cast_floats(uncond, model_dtype)
     both = _cat_cond(cond, uncond) if use_cfg else None
     counts, evals = [0] * len(models), [0] * len(models)
 
