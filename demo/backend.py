@@ -1,6 +1,6 @@
 """Compose a pair's config from the page's settings, run it, and report images, time, MACs, speed-up.
 
-All the work goes through `diffusion.run.run_from_config` (the same path as
+All the work goes through `runs.run.run_from_config` (the same path as
 scripts/sample.py), so what the page shows is what a command-line run would give.
 One run at a time: Hydra's global state, torch's thread count and the CPU are shared.
 """
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.errors import ReportedError
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from .pairs import CONFIGS, REPO_ROOT, SLOT_LABELS, ModelPair
 from .settings import Settings, SettingsError
@@ -146,7 +146,7 @@ class DemoBackend:
 
     # -- runs ----------------------------------------------------------------------------
     def run(self, settings: Settings) -> RunResult:
-        """One sampling run through diffusion.run.run_from_config; errors a person can fix become DemoError."""
+        """One sampling run through runs.run.run_from_config; errors a person can fix become DemoError."""
         with self._lock:
             start = time.perf_counter()
             cfg = self.compose(settings)

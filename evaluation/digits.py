@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from diffusion.data import digits_arrays, digits_to_unit_range
+from data.datasets import digits_arrays, digits_to_unit_range
 from evaluation.frechet import frechet_distance, gaussian_stats
 
 NUM_CLASSES = 10

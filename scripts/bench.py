@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
-from diffusion.run import resolve_device
+from runs.run import resolve_device
 from diffusion.solvers import build_solver
-from diffusion.speed import Speed
+from runs.speed import Speed
 from dit import build_dit
-from tstitch.bench import format_table, time_ratios
+from benchmarks.tstitch import format_table, time_ratios
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.peers import build_rows, table, time_rows
 from diffusion.outputs import save_json
-from diffusion.run import resolve_device
+from runs.run import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
-from diffusion.run import resolve_device
+from runs.run import resolve_device
 from diffusion.solvers import build_solver
-from diffusion.speed import Speed
+from runs.speed import Speed
 from dit import build_dit
-from tgate.bench import predicted_macs, time_gating
+from benchmarks.tgate import predicted_macs, time_gating
 
 log = logging.getLogger(__name__)
 

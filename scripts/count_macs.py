@@ -6,7 +6,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from tgate.counting import count_config, format_table
+from runs.count_macs import count_config, format_table
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def _run_config(folder: Path, force_wandb: bool):
 
 
 def _fid(folders: list[Path], args) -> None:
-    from diffusion.logging_wandb import run_logger
+    from runs.logging_wandb import run_logger
     from evaluation.inception import InceptionFeatures
     from evaluation.run_eval import evaluate_into_run
 

@@ -7,12 +7,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion.distributed import process_group, shared_output_dir
+from runs.distributed import process_group, shared_output_dir
 from diffusion.errors import reports_errors
-from diffusion.folder_lock import claim_folder
-from diffusion.hydra_callbacks import run_folder_key
-from diffusion.logging_wandb import run_logger
-from diffusion.run import run_from_config
+from runs.folder_lock import claim_folder
+from runs.hydra_callbacks import run_folder_key
+from runs.logging_wandb import run_logger
+from runs.run import run_from_config
 
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")

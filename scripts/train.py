@@ -4,7 +4,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffusion.errors import reports_errors
-from diffusion.training import train
+from training.train import train
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

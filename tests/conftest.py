@@ -66,7 +66,7 @@ def run_latents(monkeypatch):
     is ~100x the noise, and the decoded images of two runs that differ only in later steps (a gate,
     the stitch point) differ by a grey level or two at most. Latents show every step's change, so
     comparisons of variants are made on them (and images are compared bitwise where equal)."""
-    import diffusion.run as run
+    import runs.run as run
 
     recorded: dict[Path, list[torch.Tensor]] = {}
     real_generate = run.generate

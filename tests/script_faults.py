@@ -21,8 +21,8 @@ from pathlib import Path
 
 
 def _patch_sampling() -> None:
-    generate = importlib.import_module("diffusion.generate")  # the package exports a function of that name
-    run = importlib.import_module("diffusion.run")
+    generate = importlib.import_module("runs.generate")  # the package exports a function of that name
+    run = importlib.import_module("runs.run")
     real_generate, real_save, calls = run.generate, generate.save_sample_pngs, []
 
     def waiting_generate(*args, **kwargs):
@@ -58,7 +58,7 @@ def _patch_sampling() -> None:
 
 
 def _patch_training() -> None:
-    training = importlib.import_module("diffusion.training")
+    training = importlib.import_module("training.train")
     real_save, kill_at = training.save_checkpoint, os.environ.get("FAULT_KILL_AFTER_CHECKPOINT")
 
     def save(path, payload):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion.checkpoint_files import CheckpointError, read_safetensors, read_torch_file
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 
@@ -95,7 +95,7 @@ def _compose_train(*overrides):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A scripts/train.py run folder with checkpoints after steps 1 and 2 (made once)."""
-    from diffusion.training import train
+    from training.train import train
 
     folder = tmp_path_factory.mktemp("trained") / "run"
     train(_compose_train("steps=2", "ckpt_every=1"), folder)
@@ -122,7 +122,7 @@ def _damage_latest(trained_run, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "nan"])
 def test_a_bad_training_checkpoint_is_refused_by_resume_latest(trained_run, tmp_path, kind):
-    from diffusion.training import train
+    from training.train import train
 
     run, latest, problem = _damage_latest(trained_run, tmp_path, kind)
     with pytest.raises(CheckpointError) as err:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import tiny_sd as t
 from deep_cache import DeepCacheHook, allowed_branch_ids, apply_deep_cache, deep_cache_of, remove_deep_cache
 from deep_cache.unet2d import UNet2DFeatureCache
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 from tgate_parity import CASES, call_arguments, output_latents, run_case
 from tiny_pipelines import load_tiny, save_tiny
 
@@ -306,7 +306,7 @@ def test_accel_deep_cache_on_an_sdxl_pipeline_through_the_configs(compose_sample
 @pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
 @pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl", "tstitch_pipeline_deep_cache"])
 def test_deep_cache_configs_compose_for_the_unet_pipelines(compose_sample, model, accel):
-    from diffusion.pipeline_run import check_pipeline_config
+    from runs.pipeline_run import check_pipeline_config
 
     cfg = compose_sample(f"model={model}", "sampler=pipeline", f"accel={accel}", "prompts=[a cat]")
     _, _, accels = check_pipeline_config(cfg)
@@ -318,7 +318,7 @@ def test_deep_cache_configs_compose_for_the_unet_pipelines(compose_sample, model
 def test_sampler_hook_counts_diffusers_unet_macs_step_by_step():
     """DeepCacheHook on a diffusers U-Net in our loop (what scripts/count_macs.py runs on meta):
     full steps cost the plain forward, cached ones only the shallow parts."""
-    from tgate.counting import count_run
+    from runs.count_macs import count_run
 
     unet = t.sd_unet(0, layers_per_block=2).to("meta")
     model_cfg = OmegaConf.create({"name": "sd", "image_size": 64, "text_length": 5})

@@ -13,7 +13,7 @@ from demo.backend import DemoBackend, DemoError
 from demo.pairs import PAIRS, ModelPair
 from demo.report import generate_summary, gallery_items, sweep_figure, sweep_table
 from demo.settings import SettingsError, parse_fractions, parse_settings
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.run import build_denoiser, model_configs, run_from_config
+from runs.run import build_denoiser, model_configs, run_from_config
 from evaluation.digits import evaluate_digits
 
 from conftest import CONFIGS

@@ -41,7 +41,7 @@ def test_measure_is_fixed_and_reads_run_images():
 
 
 def test_real_digits_uint8_is_the_documented_pixel_mapping():
-    from diffusion.data import digits_arrays
+    from data.datasets import digits_arrays
 
     raw, _ = digits_arrays()
     images, _ = real_digits_uint8()

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 import tiny_mmdit as mm
 import tiny_sd as t
 from conftest import CONFIGS, TINY_VAE
-from diffusion.run import build_denoiser, build_hooks, call_target, check_config, model_configs, model_names
-from diffusion.run import run_from_config
+from runs.run import build_denoiser, build_hooks, call_target, check_config, model_configs, model_names
+from runs.run import run_from_config
 from diffusion.solvers import NoiseSchedule, build_solver
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
@@ -154,7 +154,7 @@ def checks_before_any_model(cfg):
     """What a run checks before loading weights: pipelines their call and accel entries; native runs
     the config, solver and hooks, then (on meta copies) the hooks against the models they act on."""
     if cfg.model.get("kind") == "pipeline":
-        from diffusion.pipeline_run import check_pipeline_config
+        from runs.pipeline_run import check_pipeline_config
 
         check_pipeline_config(cfg)
         return

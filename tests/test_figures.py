@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 

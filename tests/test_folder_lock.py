@@ -1,4 +1,4 @@
-"""One run per folder (diffusion/folder_lock.py): two concurrent runs never mix, the second is refused
+"""One run per folder (runs/folder_lock.py): two concurrent runs never mix, the second is refused
 at once with one `error:` line naming the folder and the holder; a killed holder releases it."""
 import json
 import os
@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from diffusion.folder_lock import LOCK_FILE, FolderBusyError, acquire, claim_folder
-from diffusion.run import run_from_config
+from runs.folder_lock import LOCK_FILE, FolderBusyError, acquire, claim_folder
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 
@@ -22,7 +22,7 @@ DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "progress=false", "num_th
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
           f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-HOLDER = "import sys, time; from diffusion.folder_lock import acquire; acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLDER = "import sys, time; from runs.folder_lock import acquire; acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 
 def _hold_in_another_process(folder):

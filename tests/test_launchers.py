@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from diffusion.distributed import Dist, dist_from_env
+from runs.distributed import Dist, dist_from_env
 
 from conftest import CONFIGS
 from wandb_offline import summarize

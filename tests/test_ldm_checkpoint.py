@@ -143,7 +143,7 @@ def test_missing_prefix_and_bad_yaml_are_named(tiny_pair, tmp_path):
 
 
 def test_deep_cache_with_tgate_through_the_run(tiny_pair, tmp_path, compose_sample):
-    from diffusion.run import run_from_config
+    from runs.run import run_from_config
 
     (ckpt, config), _ = tiny_pair
     common = ["+exp=ldm_cin256_v2", f"model.ckpt={ckpt}", f"model.compvis_config={config}", "model.image_size=16",

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tiny_mmdit as m
 from conftest import CONFIGS
-from diffusion.run import run_from_config
-from tgate.counting import count_config
+from runs.run import run_from_config
+from runs.count_macs import count_config
 
 ROOT = CONFIGS.parent
 PROMPTS = ["a red fox", "a blue car"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion.finite import NonFiniteSamplesError, check_finite_latents, first_nonfinite
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 

@@ -11,7 +11,7 @@ import torch
 
 import tiny_sd as t
 from conftest import CONFIGS
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 ROOT = CONFIGS.parent
 PROMPTS = ["a squirrel in the park", "a red car"]

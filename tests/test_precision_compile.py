@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.precision import resolve_precision
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from test_ldm_checkpoint import tiny_pair  # noqa: F401  (the fixture: a tiny CompVis LDM pair)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from diffusion.random_weights import fill_zero_init_layers
-from diffusion.run import build_denoiser, model_configs
+from runs.run import build_denoiser, model_configs
 from dit import build_dit
 
 

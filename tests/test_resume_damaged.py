@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.resume import png_problem
-from diffusion.run import run_from_config
+from runs.resume import png_problem
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 
@@ -69,7 +69,7 @@ def test_damaged_pngs_in_a_resumed_folder_are_made_again(compose_sample, tmp_pat
     run_from_config(compose_sample(*DIGITS, "num_samples=6"), tmp_path)
     _damage(tmp_path)
     kept = {k: (tmp_path / f"{k:06d}.png").stat().st_mtime_ns for k in (0, 1, 4)}
-    with caplog.at_level(logging.WARNING, logger="diffusion.resume"):
+    with caplog.at_level(logging.WARNING, logger="runs.resume"):
         metrics = run_from_config(compose_sample(*DIGITS, "num_samples=8"), tmp_path)
     assert metrics["num_generated"] == 5  # 2, 3, 5 made again, 6 and 7 new
     assert {k: (tmp_path / f"{k:06d}.png").stat().st_mtime_ns for k in (0, 1, 4)} == kept  # sound ones untouched

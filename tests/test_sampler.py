@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion import Hook
-from diffusion.generate import generate
+from runs.generate import generate
 from diffusion.guidance import apply_cfg
 from diffusion.sampler import sample
 from diffusion.seeding import class_labels, initial_noise, sample_generators

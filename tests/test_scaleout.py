@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 
@@ -79,7 +79,7 @@ def test_resume_6_then_12_equals_one_run_of_12(compose_sample, tmp_path):
 def test_a_failure_mid_run_loses_only_the_batch_in_flight(compose_sample, tmp_path, monkeypatch):
     """An error in the second batch: the first batch's PNGs stay, no npz, no done, no temporaries;
     the rerun makes only what is missing and the result equals an uninterrupted run."""
-    generate_module = importlib.import_module("diffusion.generate")  # the package exports a function of that name
+    generate_module = importlib.import_module("runs.generate")  # the package exports a function of that name
     real_save, calls = generate_module.save_sample_pngs, []
 
     def failing_save(images, indices, out_dir):
@@ -110,7 +110,7 @@ def test_a_failure_mid_run_loses_only_the_batch_in_flight(compose_sample, tmp_pa
 
 KILLER = """
 import importlib, os, signal, sys
-g = importlib.import_module('diffusion.generate')
+g = importlib.import_module('runs.generate')
 real, calls = g.save_sample_pngs, []
 def save(images, indices, out_dir):
     calls.append(1)

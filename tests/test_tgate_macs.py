@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.attention import find_attention
 from tgate import Action, TGateConfig, TGateHook
-from tgate.counting import count_config, count_run, denoiser_inputs
+from runs.count_macs import count_config, count_run, denoiser_inputs
 
 from conftest import CONFIGS
 from tgate_tiny import native_dit, pixart, unet

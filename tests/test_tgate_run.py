@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from diffusion.run import build_hooks, run_from_config
+from runs.run import build_hooks, run_from_config
 from tgate import TGateHook
 
 from conftest import CONFIGS
@@ -88,7 +88,7 @@ def test_bad_settings_fail_before_models_are_built(compose_sample, tmp_path, ove
 
 @pytest.mark.parametrize("model", ["sdxl", "sdxl_lcm", "lcm_sdxl", "sd15", "sd21", "pixart_alpha", "pixart_sigma", "svd"])
 def test_pipeline_models_need_the_pipeline_sampler(compose_sample, tmp_path, model):
-    # the count_macs architecture configs are diffusers pipelines now (diffusion/pipeline_run.py)
+    # the count_macs architecture configs are diffusers pipelines now (runs/pipeline_run.py)
     cfg = compose_sample(f"model={model}")
     with pytest.raises(ValueError, match=r"is a diffusers pipeline, sampled with its own scheduler: use sampler=pipeline"):
         run_from_config(cfg, tmp_path / "out")

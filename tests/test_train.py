@@ -8,10 +8,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from diffusion.checkpointing import load_train_state
-from diffusion.data import DigitsDataset
-from diffusion.losses import DiffusionLoss
-from diffusion.training import train
+from training.checkpointing import load_train_state
+from data.datasets import DigitsDataset
+from training.losses import DiffusionLoss
+from training.train import train
 
 from conftest import CONFIGS
 
@@ -51,7 +51,7 @@ def _fixed_batch_loss(model_state, cfg) -> float:
 def test_a_few_training_steps_reduce_the_loss(compose_train, tmp_path):
     cfg = compose_train("steps=40", "ckpt_every=40")
     torch.manual_seed(cfg.seed)
-    from diffusion.run import build_denoiser
+    from runs.run import build_denoiser
 
     initial = build_denoiser(cfg.model, 8, pretrained=False, device="cpu").state_dict()
     summary = train(cfg, tmp_path)

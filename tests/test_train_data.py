@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.data import DigitsDataset, ImageFolderDataset, StepBatchSampler, center_crop, digits_arrays
+from data.datasets import DigitsDataset, ImageFolderDataset, StepBatchSampler, center_crop, digits_arrays
 from diffusion.vae import to_uint8
 
 

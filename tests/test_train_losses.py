@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.losses import DiffusionLoss, discretized_gaussian_log_likelihood, normal_kl
+from training.losses import DiffusionLoss, discretized_gaussian_log_likelihood, normal_kl
 
 
 def test_discretized_likelihood_sums_to_one_over_the_256_levels():

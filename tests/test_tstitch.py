@@ -148,7 +148,7 @@ TINY = ["model=dit_s2", "model.name=DiT-S/4", "model.image_size=32", "num_sample
 
 
 def test_stitch_experiment_runs_and_records_steps_and_macs(compose_sample, tmp_path):
-    from diffusion.run import run_from_config
+    from runs.run import run_from_config
 
     cfg = compose_sample("+exp=dit_stitch_0.4", *TINY)
     assert (cfg.sampler.name, cfg.accel.tstitch.ratio, cfg.sampler.cfg_scale) == ("ddim", 0.4, 1.5)
@@ -162,13 +162,13 @@ def test_stitch_experiment_runs_and_records_steps_and_macs(compose_sample, tmp_p
 def test_three_model_experiment_composes_with_fraction_override(compose_sample):
     cfg = compose_sample("+exp=dit_stitch_sbxl", "accel.tstitch.fractions=[0.2,0.3,0.5]")
     assert [m.name for m in cfg.accel.models.values()] == ["DiT-S/2", "DiT-B/2"]
-    from diffusion.run import build_hooks
+    from runs.run import build_hooks
 
     assert build_hooks(cfg)[0].fractions == [0.2, 0.3, 0.5]
 
 
 def test_bad_ratio_from_config_fails_before_models_are_built(compose_sample, tmp_path):
-    from diffusion.run import run_from_config
+    from runs.run import run_from_config
 
     cfg = compose_sample("+exp=dit_stitch_0.4", *TINY, "accel.tstitch.ratio=1.5", "model.name=DiT-Q/9")
     with pytest.raises(ValueError, match=r"ratio=1.5"):  # not the (later) unknown-model error
@@ -191,7 +191,7 @@ def test_ratio_sweep_from_the_command_line(tmp_path):
 
 def test_stitch_point_changes_the_run_with_random_weights(compose_sample, tmp_path, run_latents):
     """pretrained=false: ratio 0.4 differs from both ends (DiT-S/4 alone, DiT-S/2 alone), which differ too."""
-    from diffusion.run import run_from_config
+    from runs.run import run_from_config
 
     latents = {}
     for ratio in (0.0, 0.4, 1.0):

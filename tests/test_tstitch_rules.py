@@ -12,7 +12,7 @@ import torch
 
 import tiny_sd as t
 from diffusion import SamplingPlan, StepContext
-from diffusion.run import build_hooks, run_from_config
+from runs.run import build_hooks, run_from_config
 from diffusion.solvers import NoiseSchedule, build_solver
 from tstitch import TStitchHook, models_for_steps, stitch_pipeline
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from diffusion.run import run_from_config
+from runs.run import run_from_config
 
 from conftest import CONFIGS
 

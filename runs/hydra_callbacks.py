@@ -3,7 +3,7 @@
 Hydra writes into the run folder (`.hydra/`, the log file) before the job function starts. This
 callback runs before that:
 
-* single run: rank 0 locks `hydra.run.dir` (diffusion.folder_lock), so a second run into a
+* single run: rank 0 locks `hydra.run.dir` (runs.folder_lock), so a second run into a
   folder in use is refused before it writes anything there, and a folder that cannot be written
   is one clear error instead of Hydra's logging traceback ("Unable to configure handler 'file'");
   the other ranks of a torchrun job leave `.hydra/` to rank 0;
@@ -21,9 +21,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .distributed import dist_from_env
-from .errors import ReportedError, exit_with
-from .folder_lock import acquire, not_writable
+from runs.distributed import dist_from_env
+from diffusion.errors import ReportedError, exit_with
+from runs.folder_lock import acquire, not_writable
 
 
 class RunFolderCallback(Callback):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import check_finite, read_torch_file
-from .outputs import atomic_write_bytes
+from diffusion.checkpoint_files import check_finite, read_torch_file
+from diffusion.outputs import atomic_write_bytes
 
 
 def checkpoint_name(step: int) -> str:

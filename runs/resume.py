@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from .outputs import npz_array_header, sample_filename, save_json
+from diffusion.outputs import npz_array_header, sample_filename, save_json
 
 log = logging.getLogger(__name__)
 

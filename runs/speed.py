@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .compile import check_compile, compile_denoiser
-from .precision import compute_dtype, resolve_precision, tf32_matmuls
+from diffusion.compile import check_compile, compile_denoiser
+from diffusion.precision import compute_dtype, resolve_precision, tf32_matmuls
 
 
 @dataclass(frozen=True)

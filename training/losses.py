@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .solvers import NoiseSchedule
+from diffusion.solvers import NoiseSchedule
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

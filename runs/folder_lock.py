@@ -6,7 +6,7 @@ folder that a live run holds is refused at once (`FolderBusyError`, exit status 
 scripts) with the holder's pid, host and start time, which the holder writes into the file.
 
 Taken first thing (before the config is checked or a model is built) by the scripts' Hydra
-callback (`diffusion.hydra_callbacks`, before Hydra writes its own files into the folder), and
+callback (`runs.hydra_callbacks`, before Hydra writes its own files into the folder), and
 again, re-entrantly, by `run_from_config` and `train` for callers that do not go through the
 scripts. Under torchrun/accelerate rank 0 holds it for all ranks (`claim_folder(..., dist)`).
 
@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ReportedError, UserError
+from diffusion.errors import ReportedError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def acquire(folder: str | Path, key: str = "out_dir") -> _Held:
 
 @contextmanager
 def claim_folder(folder: str | Path, key: str = "out_dir", dist=None):
-    """Hold the folder's lock for the block. dist (diffusion.distributed.Dist): rank 0 takes it
+    """Hold the folder's lock for the block. dist (runs.distributed.Dist): rank 0 takes it
     for every rank, and a refusal stops every rank."""
     if dist is None:
         held = acquire(folder, key)

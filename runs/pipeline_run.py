@@ -32,11 +32,11 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .compile import CompileStats, compile_denoiser
-from .generate import check_counts
-from .outputs import save_grid, save_json, save_npz, save_sample_pngs
-from .seeding import sample_generators
-from .speed import Speed
+from diffusion.compile import CompileStats, compile_denoiser
+from runs.generate import check_counts
+from diffusion.outputs import save_grid, save_json, save_npz, save_sample_pngs
+from diffusion.seeding import sample_generators
+from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 

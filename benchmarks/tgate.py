@@ -6,8 +6,8 @@ from omegaconf import OmegaConf
 
 from diffusion.timing import time_with_and_without
 
-from .counting import count_run
-from .hook import TGateHook
+from runs.count_macs import count_run
+from tgate.hook import TGateHook
 
 
 def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, settings: dict) -> dict:

@@ -7,8 +7,8 @@ import torch
 
 from diffusion.timing import time_sampling
 
-from .hook import TStitchHook
-from .schedule import steps_per_model
+from tstitch.hook import TStitchHook
+from tstitch.schedule import steps_per_model
 
 
 def _time_once(models, solver, ratio, latent_shape, batch_size, cfg_scale, null_label, device, model_dtype) -> float:

@@ -2,13 +2,13 @@
 
 AdamW (constant lr, no weight decay by default), an EMA copy updated every step, label
 dropout inside the model (its `class_dropout_prob`, what classifier-free guidance needs),
-the ADM loss with learned variance (diffusion.losses), checkpoints every `ckpt_every` steps
+the ADM loss with learned variance (training.losses), checkpoints every `ckpt_every` steps
 into <out_dir>/checkpoints/<step:07d>.pt, resume from one of them.
 
 Every random draw of step s (batch indices, timesteps, noise, label dropout, flips) comes
 from seeds keyed (seed, s), so a run resumed at step s continues exactly as the
 uninterrupted run would have: same batches, same noise, same weights.
-Models are built through their config's `_target_` (as diffusion.run does): no model import here.
+Models are built through their config's `_target_` (as runs.run does): no model import here.
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint_files import checkpoint_setting
-from .checkpointing import checkpoint_name, export_state, latest_checkpoint, load_train_state, save_checkpoint, train_state
-from .data import StepBatchSampler
-from .folder_lock import claim_folder
-from .ema import ema_decay_at, make_ema, update_ema
-from .losses import DiffusionLoss
-from .outputs import save_json
-from .run import build_denoiser, call_target, cpu_threads, resolve_device
-from .solvers import NoiseSchedule
-from .vae import load_first_stage
+from diffusion.checkpoint_files import checkpoint_setting
+from training.checkpointing import checkpoint_name, export_state, latest_checkpoint, load_train_state, save_checkpoint, train_state
+from data.datasets import StepBatchSampler
+from runs.folder_lock import claim_folder
+from training.ema import ema_decay_at, make_ema, update_ema
+from training.losses import DiffusionLoss
+from diffusion.outputs import save_json
+from runs.run import build_denoiser, call_target, cpu_threads, resolve_device
+from diffusion.solvers import NoiseSchedule
+from diffusion.vae import load_first_stage
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run cfg.steps optimisation steps in total (counting resumed ones); returns a summary also
     written to <out_dir>/train_metrics.json. num_threads: small models on a busy CPU train ~20x
     faster (measured here) on one thread than on two fighting another process for a core.
-    The run folder is locked for the run (diffusion.folder_lock: one run per folder)."""
+    The run folder is locked for the run (runs.folder_lock: one run per folder)."""
     with claim_folder(out_dir), cpu_threads(cfg.get("num_threads")):
         return _train(cfg, out_dir)
 

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.context import SamplingPlan
 from diffusion.macs import count_macs, count_sampling_macs
-from diffusion.run import build_denoiser, build_hooks, model_configs, model_names
+from runs.run import build_denoiser, build_hooks, model_configs, model_names
 from diffusion.sampler import check_cfg_scale
 from diffusion.solvers import NoiseSchedule, build_solver
 
-from .hook import TGateHook
+from tgate.hook import TGateHook
 
 
 def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
@@ -131,7 +131,7 @@ def run_settings(cfg: DictConfig) -> tuple[int, float, bool]:
     if not pipeline:
         raise ValueError(f"sampler=pipeline counts a diffusers pipeline's call, but model {cfg.model.name!r} is "
                          "native; use a native sampler (ddim, ddpm, dpmpp_2m, euler)")
-    from diffusion.pipeline_run import call_arguments
+    from runs.pipeline_run import call_arguments
 
     call = call_arguments(cfg)
     steps, scale = call.get("num_inference_steps"), call.get("guidance_scale")

@@ -16,22 +16,22 @@ import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from .collect import RankResult, combine, first_steps, write_folder_outputs
-from .compile import CompileStats
-from .generate import check_counts, generate
-from .context import SamplingPlan
-from .checkpoint_files import checkpoint_setting
-from .distributed import Dist, batches_for_rank
-from .folder_lock import claim_folder
-from .macs import count_macs, count_sampling_macs
-from .outputs import save_json
-from .random_weights import fill_zero_init_layers
-from .resume import SampleFolder, grid_batches, samples_config
-from .sampler import check_cfg_scale
-from .seeding import class_labels
-from .solvers import NoiseSchedule, build_solver, check_solver_args
-from .speed import Speed
-from .vae import load_first_stage
+from runs.collect import RankResult, combine, first_steps, write_folder_outputs
+from diffusion.compile import CompileStats
+from runs.generate import check_counts, generate
+from diffusion.context import SamplingPlan
+from diffusion.checkpoint_files import checkpoint_setting
+from runs.distributed import Dist, batches_for_rank
+from runs.folder_lock import claim_folder
+from diffusion.macs import count_macs, count_sampling_macs
+from diffusion.outputs import save_json
+from diffusion.random_weights import fill_zero_init_layers
+from runs.resume import SampleFolder, grid_batches, samples_config
+from diffusion.sampler import check_cfg_scale
+from diffusion.seeding import class_labels
+from diffusion.solvers import NoiseSchedule, build_solver, check_solver_args
+from runs.speed import Speed
+from diffusion.vae import load_first_stage
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
     """Sample `cfg.num_samples` images into out_dir; returns the metrics written there.
 
     Resumes: samples already in out_dir are kept and only the missing ones are made; a folder
-    marked done does nothing. dist (diffusion.distributed): this process's share of a run
+    marked done does nothing. dist (runs.distributed): this process's share of a run
     over several processes (default: a single process). The folder is locked for the run
-    (diffusion.folder_lock: a second run into it is refused).
+    (runs.folder_lock: a second run into it is refused).
     """
     dist = dist or Dist()
     with claim_folder(out_dir, "out_dir", dist), cpu_threads(cfg.get("num_threads")):
@@ -196,7 +196,7 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
             if dist is not None and dist.world_size > 1:
                 raise ValueError("text/image pipelines (model kind: pipeline) run in one process for now, without "
                                  "resume; launch them without torchrun/accelerate (or split the prompts over jobs)")
-            from .pipeline_run import run_pipeline_from_config
+            from runs.pipeline_run import run_pipeline_from_config
             return run_pipeline_from_config(cfg, out_dir, resolve_device(cfg.device))
         return _run_from_config(cfg, out_dir, dist)
 
@@ -205,7 +205,7 @@ def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     labels = check_config(cfg)
     device = dist.device(resolve_device(cfg.device))
     speed = Speed.from_config(cfg, device)  # precision resolved (auto -> tf32 on CUDA, fp32 on CPU), compile checked
-    # --- resume (diffusion/resume.py): read-only checks before any work ---
+    # --- resume (runs/resume.py): read-only checks before any work ---
     folder = SampleFolder(out_dir, cfg.num_samples, image_size=int(cfg.model.image_size))
     folder_config = samples_config(cfg, precision=speed.precision)
     folder.check_config(folder_config)

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .context import Hook
-from .finite import check_finite_latents
-from .outputs import save_sample_pngs
-from .sampler import sample
-from .seeding import initial_noise, sample_generators
-from .solvers import Solver
+from diffusion.context import Hook
+from diffusion.finite import check_finite_latents
+from diffusion.outputs import save_sample_pngs
+from diffusion.sampler import sample
+from diffusion.seeding import initial_noise, sample_generators
+from diffusion.solvers import Solver
 
 
 @dataclass

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .generate import Generation
-from .outputs import rows_by_label, save_grid, save_npz
-from .resume import SampleFolder
+from runs.generate import Generation
+from diffusion.outputs import rows_by_label, save_grid, save_npz
+from runs.resume import SampleFolder
 
 
 @dataclass
