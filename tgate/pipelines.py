@@ -36,10 +36,10 @@ import torch.nn as nn
 from diffusion.feature_refresh import refresh_feature_caches
 from diffusion.pipeline_steps import PipelineSteps
 
-from .apply import gate_attention, ungate_attention
 from .branch import batch_rows, repeat_branch, take_branch
 from .config import TGateConfig
 from .deepcache import DeepCacheAttachment, DeepCacheConfig, make_helper
+from .model_gate import gate_attention, ungate_attention
 from .schedule import PLAIN
 from .state import TGateState
 
