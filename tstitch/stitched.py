@@ -35,12 +35,11 @@ from .schedule import resolve_fractions
 class _Trajectory:
     """Per-call state: the step tracker and, from the first model call on, the model index of every step."""
 
-    def __init__(self, scheduler, fractions: list[float], rule: str = "index", timestep_form: str = "dit",
-                 lcm: bool = False):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, steps: PipelineSteps, fractions: list[float], rule: str = "index",
+                 timestep_form: str = "dit", lcm: bool = False):
+        self.scheduler, self.steps = scheduler, steps
         self.fractions = fractions
         self.rule, self.timestep_form, self.lcm = rule, timestep_form, lcm
-        self.steps = PipelineSteps()
         self.per_step: list[int] | None = None
 
     def plan(self, timestep=None) -> list[int]:
@@ -80,6 +79,7 @@ class StitchedDenoiser(nn.Module):
         self.rule, self.timestep_form = rule, timestep_form
         self.names = list(names) if names is not None else [f"model{j}" for j in range(len(models))]
         self._trajectory: _Trajectory | None = None
+        self.steps = PipelineSteps()  # the step of each call; its `log` keeps the last pipeline call's
         # what ran in the last pipeline call: model index per step, and (step, model index) per call
         self.last_steps: list[int] = []
         self.last_calls: list[tuple[int, int]] = []
@@ -118,7 +118,7 @@ class StitchedDenoiser(nn.Module):
             raise RuntimeError("this stitched denoiser is already inside a pipeline call (calls do not nest)")
         fractions = self.fractions if fractions is None else resolve_fractions(fractions=fractions,
                                                                                num_models=len(self.models))
-        run = _Trajectory(scheduler, fractions, self.rule, self.timestep_form, lcm)
+        run = _Trajectory(scheduler, self.steps, fractions, self.rule, self.timestep_form, lcm)
         self._trajectory, self.last_steps, self.last_calls = run, [], []
         try:
             with run.steps.run(scheduler):
