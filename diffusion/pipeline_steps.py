@@ -131,7 +131,7 @@ class PipelineSteps:
         self.entries = 0  # scheduler updates in this run
         self.order: int | None = None  # read at the run's first question (the pipeline has set its timesteps)
         self.warmup: int | None = None
-        self.begin: int | None = None  # where the loop starts in scheduler.timesteps (asked for by num_steps)
+        self.begin: int | None = None  # where the loop starts in scheduler.timesteps (found by num_entries)
         self._num_steps: int | None = None
         self._last: StepCall | None = None
 
@@ -201,10 +201,11 @@ class PipelineSteps:
         self.log.append(where)
         return where
 
-    def num_steps(self, timestep=None) -> int:
-        """Steps this run makes (at least 1), fixed at the first ask. `timestep`: the first denoiser call's,
-        which locates the start for schedulers without a begin index (one host copy per run)."""
-        if self._num_steps is None:
+    def num_entries(self, timestep=None) -> int:
+        """Entries of this run's loop (at least 1): the scheduler's timesteps from where the loop starts, fixed at
+        the first ask. `timestep`: the first denoiser call's, which locates the start for schedulers without a
+        begin index (one host copy per run)."""
+        if self.begin is None:
             self._read_scheduler()
             timesteps = self.scheduler.timesteps
             if timesteps is None:
@@ -212,7 +213,12 @@ class PipelineSteps:
                                    "set_timesteps before its loop")
             begin = getattr(self.scheduler, "begin_index", None)
             self.begin = int(begin) if begin is not None else timestep_position(timesteps, timestep)
-            self._num_steps = max(steps_in_loop(len(timesteps) - self.begin, self.order, self.warmup), 1)
+        return max(len(self.scheduler.timesteps) - self.begin, 1)
+
+    def num_steps(self, timestep=None) -> int:
+        """Steps this run makes (at least 1): the progress-bar steps of its loop (see num_entries)."""
+        if self._num_steps is None:
+            self._num_steps = max(steps_in_loop(self.num_entries(timestep), self.order, self.warmup), 1)
         return self._num_steps
 
     def step_timesteps(self, timestep=None) -> list[float]:

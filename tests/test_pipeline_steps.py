@@ -202,6 +202,26 @@ def test_tgate_on_stock_sd_pipelines_follows_the_progress_bar(name):
     assert _rel(gated, plain) > 1e-4
 
 
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_tgate_on_a_batched_cfg_loop_and_refused_with_separate_passes(name):
+    """The loop of tests/loop_pipeline.py with one CFG-batched call per entry (every scheduler, flow matching
+    included): guidance stops at the gate step the progress bar shows. With separate CFG passes T-GATE cannot
+    cut the batch: refused at the second pass, and the pipeline is left as it was."""
+    pipe = _loop(name)
+    plain = _run_loop(pipe, passes=1)
+    with tgate.apply_tgate(pipe, tgate.TGateConfig(**GATE)) as gate:
+        calls = Calls(pipe, unet=pipe.unet)
+        gated = _run_loop(pipe, passes=1)
+        calls.remove()
+        steps = calls.get("step")
+        assert calls.bar.updates == STEPS and [c.step for c in gate.steps.log] == steps
+        warmup = [c.warmup for c in gate.steps.log]
+        assert calls.get("rows") == [2 if w or s < GATE["gate_step"] else 1 for s, w in zip(steps, warmup)]
+        with pytest.raises(RuntimeError, match=r"called its denoiser 2 times in one loop entry \(step 0\)"):
+            _run_loop(pipe, passes=2)
+    assert _rel(gated, plain) > 1e-4 and torch.equal(_run_loop(pipe, passes=1), plain)
+
+
 @pytest.mark.parametrize("skip_layer_guidance", [False, True])
 def test_tstitch_and_tgate_on_sd3_flow_matching_follow_the_progress_bar(skip_layer_guidance):
     """SD3 (FlowMatchEuler), stitched and with guidance truncation; with skip-layer guidance the transformer
@@ -248,6 +268,25 @@ def test_tstitch_on_stock_sd_pipelines_follows_the_progress_bar(name):
         assert list(range(len(steps))) != steps
     large = _run_sd(pipe, ratio=0.0)
     assert _rel(stitched, large) > 1e-4 and _rel(stitched, _run_sd(pipe, ratio=1.0)) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["pndm", "heun", "euler"])
+def test_tstitch_floor_rule_follows_upstreams_loop_entries(name):
+    """Upstream's stitched SD pipelines (tstitch_sd_utils.py) pick the model by (i + 1) / len(timesteps) <= r on
+    their loop index i: on PNDM (SD 1.x's own scheduler, as upstream's sd_demo.py runs) its warm-up entry counts,
+    on Heun both entries of a step count; `floor` reproduces that entry by entry, `index` splits the steps."""
+    small = t.sd_unet(7, widths=(8, 16))
+    pipe = stitch_pipeline(_stock_sd(name), small, ratio=0.3, rule="floor")
+    calls = Calls(pipe, small=small, large=pipe.unet.large)
+    _run_sd(pipe, steps=10)
+    calls.remove()
+    entries = len(pipe.scheduler.timesteps)
+    assert [c.entry for c in pipe.unet.steps.log] == list(range(entries))  # one U-Net call per entry
+    upstream = ["small" if (i + 1) / entries <= 0.3 else "large" for i in range(entries)]
+    assert calls.get("model") == upstream
+    per_step = models_for_steps([0.3, 0.7], 10, "floor")
+    by_steps = [["small", "large"][per_step[s]] for s in calls.get("step")]
+    assert (by_steps != upstream) == (name != "euler")  # the floor formula on steps would differ there
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)

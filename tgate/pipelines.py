@@ -206,6 +206,12 @@ class PipelineGate:
             self._first_denoiser_call(args, kwargs)
         self._calls += 1
         where = self.steps.call()
+        if where.pass_index and self._use_cfg:
+            # e.g. separate CFG passes (one call per branch): the caches and the branch cut need the CFG batch
+            raise RuntimeError(f"tgate: {type(self.pipe).__name__} called its denoiser {where.pass_index + 1} times "
+                               f"in one loop entry (step {where.step}); T-GATE needs the two CFG branches as one "
+                               "batched call per entry (SD3's skip-layer pass aside), so pipelines that run "
+                               "guidance as separate passes are not supported")
         if where.warmup:  # a scheduler warm-up entry: computed with guidance, as the reference does
             self.state.actions = PLAIN
             return None

@@ -3,8 +3,10 @@
 The pipeline's own `__call__` runs unchanged: it calls `pipe.unet(...)` once (or more) per
 step, and this module hands each call to the model whose turn it is, by the rules of the
 native hook (tstitch.rules: `index`, the default, gives the small model the first
-round(r n) steps; `floor` is upstream's stitched pipelines' `(i + 1) / n <= r`, `i / n <= r`
-for its LCM pipeline; `timestep` tests each step's scheduler timestep).
+round(r n) steps; `timestep` tests each step's scheduler timestep; `floor` is upstream's stitched
+pipelines' `(i + 1) / n <= r`, `i / n <= r` for its LCM pipeline, where, as in upstream's loop, i is
+the loop entry and n = len(timesteps): on most schedulers entries are steps, but PNDM's warm-up
+entry and Heun's second entries count too, so the switch can fall inside a step there, as upstream's).
 
 Which step a call belongs to comes from the pipeline's own loop, through the step tracker that
 T-GATE and DeepCache use too (`diffusion.pipeline_steps`): a call's step is the progress-bar step
@@ -26,14 +28,15 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from diffusion.pipeline_steps import PipelineSteps
+from diffusion.pipeline_steps import PipelineSteps, StepCall, first_entry_of_step
 
 from .rules import check_rule, models_for_steps
 from .schedule import resolve_fractions
 
 
 class _Trajectory:
-    """Per-call state: the step tracker and, from the first model call on, the model index of every step."""
+    """Per-call state: the step tracker and, from the first model call on, the model index of every step (and,
+    for `floor`, of every loop entry)."""
 
     def __init__(self, scheduler, steps: PipelineSteps, fractions: list[float], rule: str = "index",
                  timestep_form: str = "dit", lcm: bool = False):
@@ -41,6 +44,7 @@ class _Trajectory:
         self.fractions = fractions
         self.rule, self.timestep_form, self.lcm = rule, timestep_form, lcm
         self.per_step: list[int] | None = None
+        self.per_entry: list[int] | None = None
 
     def plan(self, timestep=None) -> list[int]:
         """(n,) model index per step, n = steps this run makes; fixed at the first model call,
@@ -49,11 +53,25 @@ class _Trajectory:
             if self.scheduler.timesteps is None:
                 raise RuntimeError("the stitched denoiser was called before the scheduler's set_timesteps")
             n = self.steps.num_steps(timestep)
-            # the timestep rule reads each step's timestep: one host copy per run, only for that rule
-            steps = self.steps.step_timesteps(timestep) if self.rule == "timestep" else None
-            self.per_step = models_for_steps(self.fractions, n, self.rule, timesteps=steps,
-                                             timestep_form=self.timestep_form, lcm=self.lcm)
+            if self.rule == "floor":  # upstream's (i + 1) / len(timesteps) on its loop index: per entry
+                self.per_entry = models_for_steps(self.fractions, self.steps.num_entries(timestep), "floor",
+                                                  lcm=self.lcm)
+                self.per_step = [self.per_entry[first_entry_of_step(s, self.steps.order, self.steps.warmup)]
+                                 for s in range(n)]
+            else:
+                # the timestep rule reads each step's timestep: one host copy per run, only for that rule
+                steps = self.steps.step_timesteps(timestep) if self.rule == "timestep" else None
+                self.per_step = models_for_steps(self.fractions, n, self.rule, timesteps=steps,
+                                                 timestep_form=self.timestep_form, lcm=self.lcm)
         return self.per_step
+
+    def model_of(self, where: StepCall, timestep=None) -> tuple[int, int]:
+        """(step, model index) of the call at `where`; a pipeline that runs past its schedule keeps the last model."""
+        per_step = self.plan(timestep)
+        step = min(where.step, len(per_step) - 1)
+        if self.per_entry is not None:
+            return step, self.per_entry[min(where.entry, len(self.per_entry) - 1)]
+        return step, per_step[step]
 
 
 class StitchedDenoiser(nn.Module):
@@ -132,10 +150,7 @@ class StitchedDenoiser(nn.Module):
             raise RuntimeError("the stitched denoiser picks its model by the step of a pipeline call: call the "
                                "pipeline (tstitch.stitch_pipeline / get_tstitch_pipeline set it up), or bracket "
                                "the calls in `with stitched.trajectory(scheduler):`")
-        where = run.steps.call()
-        per_step = run.plan(timestep)
-        step = min(where.step, len(per_step) - 1)  # a pipeline that runs past its schedule keeps the last model
-        index = per_step[step]
+        step, index = run.model_of(run.steps.call(), timestep)
         if len(self.last_steps) <= step:
             self.last_steps.append(index)
         self.last_calls.append((step, index))
