@@ -9,10 +9,10 @@ import inspect
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch.overrides import TorchFunctionMode
 
 import tgate
-from diffusers.models.attention_processor import AttnProcessor2_0
 import tiny_mmdit as m
 import tiny_sd as t
 from deep_cache import apply_deep_cache
@@ -105,8 +105,8 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _stock_sd(name, seed=0, unet=None, cls=None):
-    return t.sd_pipeline(seed, scheduler_name=name, unet=unet, cls=cls)
+def _stock_sd(name, cls=None):
+    return t.sd_pipeline(0, scheduler_name=name, cls=cls)
 
 
 def _run_sd(pipe, steps=STEPS, **extra):
@@ -118,8 +118,8 @@ def _run_sd(pipe, steps=STEPS, **extra):
 EMBEDS = torch.randn(2, 1, 5, t.TEXT_WIDTH, generator=torch.Generator().manual_seed(11))  # cond, uncond
 
 
-def _loop(name, unet=None):
-    return LoopPipeline(unet if unet is not None else t.sd_unet(0), _scheduler(name))
+def _loop(name):
+    return LoopPipeline(t.sd_unet(0), _scheduler(name))
 
 
 def _run_loop(pipe, passes, steps=STEPS, **extra):
