@@ -169,6 +169,10 @@ class DeepCacheHook(Hook):
     def step(self, ctx: StepContext) -> None:
         self.refresh = ctx.refresh_features
 
+    def locate_call(self, register: bool = True):
+        """The sampler loop calls each denoiser once per step: every call is a step of its own (deep_cache.unet2d)."""
+        return None
+
     def end(self) -> None:
         self.active = False
         for cache in self._caches:

@@ -4,12 +4,15 @@
 pipeline's `unet` (the U-Net itself, or each model of a T-Stitch `StitchedDenoiser`: apply
 DeepCache after stitching) with `deep_cache.unet2d`, and gives the pipeline object a
 same-named subclass whose `__call__` brackets one run: the feature caches start empty and
-are freed when the call returns (or raises). Inside a call, every U-Net call counts: a full
-U-Net pass at the first call and every `cache_interval`-th after the last full one (the
-DeepCache package's uniform schedule for pipelines that call the U-Net once per step), and
-whenever the input shape changes or another technique asks for a refresh (T-GATE at its
-gate, `diffusion.feature_refresh`). With T-Stitch each model keeps its own cache, so the
-first call of a model stitched in is full.
+are freed when the call returns (or raises). Inside a call, steps count, as the step tracker
+T-GATE and T-Stitch use too says (`diffusion.pipeline_steps`: the progress-bar step of each U-Net
+call): a full U-Net pass at the first step and every `cache_interval`-th step after the last full
+one (the DeepCache package's uniform schedule, for pipelines that call the U-Net once per step),
+and whenever another technique asks for a refresh (T-GATE at its gate,
+`diffusion.feature_refresh`). All calls of a step are full or all are cached: Heun's two calls per
+step, PNDM's warm-up entry (part of the first step) and separate CFG passes (each pass reuses its
+own features); a call whose input shape differs from what was recorded runs in full. With
+T-Stitch each model keeps its own cache, so the first call of a model stitched in is full.
 
 `handle.remove()` / `remove_deep_cache(pipe)` restores the pipeline's class and every module
 bitwise. Applied to a U-Net module instead of a pipeline, the caches act from then on
@@ -20,6 +23,8 @@ from __future__ import annotations
 import functools
 
 import torch.nn as nn
+
+from diffusion.pipeline_steps import PipelineSteps
 
 from .hook import check_settings
 from .unet2d import attach_unet2d_cache, detach_unet2d_cache, find_diffusers_unets
@@ -44,7 +49,7 @@ class DeepCache:
     """DeepCache on the U-Nets of a pipeline (or of one module): what `apply_deep_cache` returns.
 
     Also the owner the U-Net hooks read: `cache_interval`, `cache_branch_id`, `active` (inside a
-    run) and `refresh` (the next U-Net call must be full).
+    run), `refresh` (the next step must be full) and `locate_call` (the step of a U-Net call).
     """
 
     def __init__(self, target, cache_interval: int = 3, cache_branch_id: int = 0):
@@ -52,6 +57,7 @@ class DeepCache:
         self.cache_interval, self.cache_branch_id = cache_interval, cache_branch_id
         self.active, self.refresh = False, False
         self.pipe = target if _is_pipeline(target) else None
+        self.steps = PipelineSteps()  # the step of each U-Net call inside a pipeline call
         if self.pipe is not None:
             module = getattr(target, "unet", None)
             if not isinstance(module, nn.Module):
@@ -92,9 +98,17 @@ class DeepCache:
         for cache in self.caches:
             cache.reset_state()
 
+    def locate_call(self, register: bool = True):
+        """The step of a U-Net call made now (a `diffusion.pipeline_steps.StepCall`), registered as made when
+        `register`; None on a bare U-Net (every call is a step of its own)."""
+        if not self.steps.running:
+            return None
+        return self.steps.call() if register else self.steps.current()
+
     def _start_call(self) -> None:
         if self._running == 0:
             self.reset()
+            self.steps.start(self.pipe.scheduler)
             self.active = True
         self._running += 1
 
@@ -102,6 +116,7 @@ class DeepCache:
         self._running -= 1
         if self._running == 0:
             self.active = False
+            self.steps.stop()
             self.reset()  # frees the features; a U-Net call outside a pipeline call is plain
 
     def remove(self) -> None:

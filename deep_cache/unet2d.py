@@ -16,9 +16,16 @@ full steps and replays it on cached ones. The parts that run are untouched, so t
 embedding, ControlNet residuals, custom attention processors and T-GATE's attention hooks
 act as in the plain model.
 
-Full steps: the first call, every `cache_interval`-th call after the last full one, a call
-whose input shape differs from the recorded one (a new batch, guidance switched off), and a
-call after `refresh_features()` (T-GATE at its gate, `diffusion.feature_refresh`).
+Steps, not calls, are full or cached. The owner says which step a call belongs to (on a pipeline,
+the step tracker T-GATE and T-Stitch use too, `diffusion.pipeline_steps`; in the sampler loop or on
+a bare U-Net every call is a step of its own). The first call of a step decides for all of its
+calls: the step is full at the first step, every `cache_interval`-th step after the last full
+one, and after `refresh_features()` (T-GATE at its gate, `diffusion.feature_refresh`). Every call
+of a full step records what it computed; a call of a cached step reuses what the last full step
+recorded for the same pass of an entry (a pipeline that makes separate CFG passes keeps the
+features of each branch apart; Heun's and PNDM's two entries of a step are the same pass, so a
+cached step reuses the features of the full step's latest entry). A call whose input shape
+differs from that record (a new batch, guidance switched off) runs in full.
 """
 from __future__ import annotations
 
@@ -107,25 +114,27 @@ class PartReplay(ModelHook):
     def __init__(self, cache: UNet2DFeatureCache, name: str):
         super().__init__()
         self.cache, self.name = cache, name
-        self.output = None  # what the part returned at the last full step
+        self.outputs: dict = {}  # pass index -> what the part returned for that pass at the last full step
 
     def new_forward(self, module, *args, **kwargs):
-        mode = self.cache.mode
+        mode, key = self.cache.mode, self.cache.pass_index
         if mode == REPLAY:
-            if self.output is None:
+            if key not in self.outputs:
                 raise RuntimeError(f"deep_cache: {self.name} has no recorded output to reuse")
-            return self.output
+            return self.outputs[key]
         out = self.fn_ref.original_forward(*args, **kwargs)
         if mode == RECORD:
-            self.output = out
+            self.outputs[key] = out
         return out
 
 
 class UNet2DFeatureCache(ModelHook):
-    """On one diffusers U-Net: decides per call whether it is a full or a cached step.
+    """On one diffusers U-Net: decides per step whether it is full or cached (see the module docstring).
 
-    owner: has `cache_interval`, `cache_branch_id`, `active` (False: the plain model) and
-    `refresh` (the next call must be full; a full call clears it).
+    owner: has `cache_interval`, `cache_branch_id`, `active` (False: the plain model), `refresh`
+    (the next step must be full; a full step clears it) and `locate_call(register)`: the
+    `diffusion.pipeline_steps.StepCall` of a call made now (registered as made when `register`),
+    or None when every call is a step of its own.
     """
 
     _is_stateful = True
@@ -135,54 +144,86 @@ class UNet2DFeatureCache(ModelHook):
         self.owner = owner
         self.parts = skipped_parts(unet, owner.cache_branch_id)  # checks the branch against this U-Net
         self.replays: list[PartReplay] = []
-        self.mode = PLAIN
-        self.shape: tuple | None = None  # input shape of the last full call (None: nothing recorded)
-        self.countdown = 0                # cached calls left before the next full one
+        self.mode, self.pass_index = PLAIN, 0  # what the parts do in the call under way, and its pass
+        self.records: dict[int, tuple] = {}  # pass index -> input shape of the full call that recorded it
+        self.countdown = 0                    # cached steps left before the next full one
+        self.step: int | None = None          # step of the last call (None: not known, or no call yet)
+        self.step_full = True                 # whether that step is a full one
+
+    @property
+    def shape(self) -> tuple | None:
+        """Input shape of the first pass's record (None: nothing recorded)."""
+        return self.records.get(0)
 
     def refresh_features(self) -> None:
-        """The next call recomputes everything (diffusion.feature_refresh)."""
+        """The next step recomputes everything (diffusion.feature_refresh)."""
         self.owner.refresh = True
 
-    def reset_state(self, module=None):
-        self.shape, self.countdown, self.mode = None, 0, PLAIN
+    def _forget(self) -> None:
+        self.records = {}
         for replay in self.replays:
-            replay.output = None
+            replay.outputs = {}
+
+    def reset_state(self, module=None):
+        self._forget()
+        self.countdown, self.mode, self.pass_index, self.step, self.step_full = 0, PLAIN, 0, None, True
         return module
 
+    def _where(self, register: bool) -> tuple[int | None, int]:
+        where = self.owner.locate_call(register)
+        return (None, 0) if where is None else (where.step, where.pass_index)
+
     def is_full(self, shape: tuple) -> bool:
-        return self.shape != shape or self.owner.refresh or self.countdown <= 0
+        """Whether a call made now with input `shape` runs the whole U-Net (reads state only)."""
+        step, pass_index = self._where(register=False)
+        if self.records.get(pass_index) != shape:
+            return True  # nothing of this shape recorded for this pass
+        if step is not None and step == self.step:
+            return self.step_full  # decided at the step's first call
+        return self.owner.refresh or self.countdown <= 0
 
     def new_forward(self, unet, *args, **kwargs):
         original = self.fn_ref.original_forward
         if not self.owner.active:  # outside a sampling run: the plain model
             return original(*args, **kwargs)
         shape = _input_shape(args, kwargs)
-        if self.is_full(shape):
-            self.shape, self.mode = None, RECORD  # a failed call leaves nothing to reuse
+        full = self.is_full(shape)
+        step, self.pass_index = self._where(register=True)
+        if step is None or step != self.step:  # the first call of a step decides for the step
+            self.step, self.step_full = step, full
+            if full:
+                self._forget()  # a cached step reuses what this step records, nothing older
+                self.countdown, self.owner.refresh = self.owner.cache_interval - 1, False
+            else:
+                self.countdown -= 1
+        if full:
+            self.records.pop(self.pass_index, None)  # a failed call leaves nothing to reuse
+            self.mode = RECORD
             try:
                 out = original(*args, **kwargs)
             finally:
                 self.mode = PLAIN
-            self.shape, self.countdown, self.owner.refresh = shape, self.owner.cache_interval - 1, False
+            self.records[self.pass_index] = shape
             return out
-        self.countdown -= 1
         self.mode = REPLAY
         try:
             return original(*args, **kwargs)
         finally:
             self.mode = PLAIN
 
-    # MACs counting (diffusion.macs.count_sampling_macs): what a call computes depends on this state
+    # MACs counting (diffusion.macs.count_sampling_macs, one call per step): what a call computes depends on
+    # this state
     def count_key(self):
-        return self.shape, self.countdown
+        return tuple(sorted(self.records.items())), self.countdown
 
     def snapshot(self):
-        return [r.output for r in self.replays], self.shape, self.countdown
+        return [dict(r.outputs) for r in self.replays], dict(self.records), self.countdown
 
     def restore(self, snapshot) -> None:
-        outputs, self.shape, self.countdown = snapshot
+        outputs, records, self.countdown = snapshot
+        self.records = dict(records)
         for replay, output in zip(self.replays, outputs):
-            replay.output = output
+            replay.outputs = dict(output)
 
 
 def attach_unet2d_cache(unet: nn.Module, owner) -> UNet2DFeatureCache:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from diffusion import Hook, SamplingPlan, StepContext
 
-from .apply import gate_attention, ungate_attention
 from .config import TGateConfig
+from .model_gate import gate_attention, ungate_attention
 from .state import TGateState
 
 

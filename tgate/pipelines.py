@@ -4,9 +4,11 @@
 
 - wraps every attention module of the denoiser (`pipe.unet` or `pipe.transformer`)
   with the T-GATE module hooks (compute / cache / reuse, see tgate.schedule);
-- counts the denoiser's calls from the start of each `pipe(...)` call to know the step
-  (tgate.steps), so img2img (`strength` < 1), custom timesteps and second-order
-  schedulers work without a step callback;
+- knows the step of every denoiser call from the pipeline's own loop, with the step tracker
+  T-Stitch and DeepCache use too (`diffusion.pipeline_steps`: the progress-bar step of the
+  entry, entries counted by `scheduler.step` calls), so img2img (`strength` < 1), custom
+  timesteps, second-order schedulers and pipelines that call the denoiser more than once per
+  step work without a step callback; PNDM's warm-up entry computes plainly, as in tgate 1.0.0;
 - from the gate step on, runs one CFG branch and hands the pipeline that output for
   both halves (tgate.branch), also for a ControlNet the pipeline calls with the CFG batch;
 - optionally runs DeepCache through its own helper, restarted at the gate (tgate.deepcache);
@@ -32,14 +34,14 @@ import warnings
 import torch.nn as nn
 
 from diffusion.feature_refresh import refresh_feature_caches
+from diffusion.pipeline_steps import PipelineSteps
 
-from .apply import gate_attention, ungate_attention
 from .branch import batch_rows, repeat_branch, take_branch
 from .config import TGateConfig
 from .deepcache import DeepCacheAttachment, DeepCacheConfig, make_helper
+from .model_gate import gate_attention, ungate_attention
 from .schedule import PLAIN
 from .state import TGateState
-from .steps import scheduler_order, step_of_call, warmup_calls
 
 GATE_ATTRIBUTE = "_tgate_gate"  # set on the per-pipeline subclass that wraps __call__
 
@@ -129,7 +131,8 @@ class PipelineGate:
         self._class = type(pipe)
         self._running = 0  # nesting depth of pipeline calls (a pipeline may call itself)
         self._pending: dict[int, int] = {}  # id(module) -> CFG rows, for calls that run one branch
-        self._use_cfg, self._order, self._warmup = False, 1, 0  # set at each run's first denoiser call
+        self._use_cfg = False  # set at each run's first denoiser call
+        self.steps = PipelineSteps()  # which step each denoiser call of a pipeline call belongs to
         self._begin_run()
         gate_attention(self.denoiser, config, self.state)
         self._handles = [
@@ -147,7 +150,7 @@ class PipelineGate:
     # -- one pipeline call ------------------------------------------------------------
     def _begin_run(self, bound: dict | None = None) -> None:
         self._bound = bound or {}
-        self._calls = 0  # denoiser calls so far in this run
+        self._calls = 0  # denoiser calls so far in this run (skip-layer passes not counted)
         self._cfg_rows = None
         self._restarted: set[int] = set()
         self._pending.clear()
@@ -171,17 +174,16 @@ class PipelineGate:
             self._begin_run(arguments)
             if self.deepcache is not None:
                 self.deepcache.restart()
+            self.steps.start(self.pipe.scheduler)
         self._running += 1
 
     def _end_call(self) -> None:
         self._running -= 1
         if self._running == 0:
+            self.steps.stop()
             self._begin_run()  # frees the caches; a denoiser call outside a pipeline call computes plainly
 
     def _first_denoiser_call(self, args, kwargs) -> None:
-        scheduler = self.pipe.scheduler
-        self._order = scheduler_order(scheduler)
-        self._warmup = warmup_calls(scheduler)
         self._use_cfg = _call_uses_cfg(self.pipe, self._bound)
         self.state.start(self._use_cfg)  # refuses lcm=True with a CFG batch
         if self._use_cfg:
@@ -192,22 +194,28 @@ class PipelineGate:
         if not self._running:
             return None  # called outside a pipeline call: the plain model
         if kwargs.get("skip_layers") is not None and self._calls:
-            # SD3's skip-layer guidance pass: a second call of the step just counted (the progress bar does
-            # not move for it); it runs as the pipeline asks, every attention module computing
-            step = step_of_call(self._calls - 1, self._order, self._warmup)
-            if step is not None and step >= self.config.gate_step:
-                raise RuntimeError(f"tgate: skip-layer guidance at step {step}, after gate_step="
+            # SD3's skip-layer guidance pass: a second call of the step (the scheduler has not moved); it runs
+            # as the pipeline asks, every attention module computing
+            where = self.steps.call()
+            if not where.warmup and where.step >= self.config.gate_step:
+                raise RuntimeError(f"tgate: skip-layer guidance at step {where.step}, after gate_step="
                                    f"{self.config.gate_step}: guidance has stopped there")
             self.state.actions = PLAIN
             return None
-        call = self._calls
-        if call == 0:
+        if self._calls == 0:
             self._first_denoiser_call(args, kwargs)
         self._calls += 1
-        step = step_of_call(call, self._order, self._warmup)
-        if step is None:  # a scheduler warm-up entry: computed with guidance, as the reference does
+        where = self.steps.call()
+        if where.pass_index and self._use_cfg:
+            # e.g. separate CFG passes (one call per branch): the caches and the branch cut need the CFG batch
+            raise RuntimeError(f"tgate: {type(self.pipe).__name__} called its denoiser {where.pass_index + 1} times "
+                               f"in one loop entry (step {where.step}); T-GATE needs the two CFG branches as one "
+                               "batched call per entry (SD3's skip-layer pass aside), so pipelines that run "
+                               "guidance as separate passes are not supported")
+        if where.warmup:  # a scheduler warm-up entry: computed with guidance, as the reference does
             self.state.actions = PLAIN
             return None
+        step = where.step
         self.state.step(step)
         gate = self.config.gate_step
         if step in (gate - 1, gate) and step not in self._restarted:
@@ -227,8 +235,8 @@ class PipelineGate:
     def _before_controlnet(self, module, args, kwargs):
         if not self._running or self._calls == 0 or not self._use_cfg:
             return None  # the first step always runs both branches
-        step = step_of_call(self._calls, self._order, self._warmup)  # the step of the denoiser call to come
-        if step is None or self.config.actions(step, True).guidance:
+        where = self.steps.current()  # the step of the denoiser call to come
+        if where.warmup or self.config.actions(where.step, True).guidance:
             return None
         rows = batch_rows(args, kwargs)
         if rows != self._cfg_rows:  # e.g. guess mode: the ControlNet sees the conditional rows only

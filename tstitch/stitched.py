@@ -3,80 +3,75 @@
 The pipeline's own `__call__` runs unchanged: it calls `pipe.unet(...)` once (or more) per
 step, and this module hands each call to the model whose turn it is, by the rules of the
 native hook (tstitch.rules: `index`, the default, gives the small model the first
-round(r n) steps; `floor` is upstream's stitched pipelines' `(i + 1) / n <= r`, `i / n <= r`
-for its LCM pipeline; `timestep` tests each step's scheduler timestep).
+round(r n) steps; `timestep` tests each step's scheduler timestep; `floor` is upstream's stitched
+pipelines' `(i + 1) / n <= r`, `i / n <= r` for its LCM pipeline, where, as in upstream's loop, i is
+the loop entry and n = len(timesteps): on most schedulers entries are steps, but PNDM's warm-up
+entry and Heun's second entries count too, so the switch can fall inside a step there, as upstream's).
 
-Which step a call belongs to comes from the pipeline's scheduler, not from the timestep
-value (no host sync per call):
+Which step a call belongs to comes from the pipeline's own loop, through the step tracker that
+T-GATE and DeepCache use too (`diffusion.pipeline_steps`): a call's step is the progress-bar step
+of the loop entry it is made in, entries being counted by `scheduler.step` calls. So Heun-type
+schedulers (two calls per step) and pipelines that call the denoiser several times per step
+(separate guidance passes, SD3's skip-layer pass) stay on one step until the loop moves on, PNDM's
+warm-up entry belongs to the first step (a 50-step PNDM run makes 50 steps, not 51), img2img with
+strength < 1 splits the steps it runs, and no call copies anything from the device (only the
+number of steps of a run needs where the loop starts: one lookup per run for schedulers without
+a begin index, DDIM, DDPM, PNDM).
 
-- the steps of a run are the scheduler's timesteps from where the run starts on, divided
-  by `scheduler.order` (Heun-type schedulers call the model twice per step and list each
-  timestep twice). img2img with strength < 1 starts part-way: schedulers that have
-  `set_begin_index` are told where (`begin_index`); for the others (DDIM, DDPM, PNDM) the
-  start is the position of the first call's timestep in the list, read once per run;
-- the current step is the number of `scheduler.step` calls made so far in the run,
-  divided by `scheduler.order`, so pipelines that call the denoiser several times per
-  step (separate guidance passes) stay on the same step until the scheduler moves.
-
-`trajectory(scheduler)` brackets one pipeline call: it counts the scheduler's `step`
-calls (an instance-level wrapper, removed on exit) and resets the per-run state.
+`trajectory(scheduler)` brackets one pipeline call: the tracker counts the scheduler's `step`
+calls (an instance-level wrapper, removed on exit) and the per-run state starts afresh.
 """
 from __future__ import annotations
 
-import functools
-import math
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
+from diffusion.pipeline_steps import PipelineSteps, StepCall, first_entry_of_step
+
 from .rules import check_rule, models_for_steps
 from .schedule import resolve_fractions
 
 
-def _position(timesteps, timestep) -> int:
-    """Index of the first entry of `timesteps` equal to `timestep` (a number or a tensor whose
-    entries are all that timestep); 0 when it is not there. One host sync per run."""
-    if timestep is None:
-        return 0
-    value = timestep.reshape(-1)[0] if torch.is_tensor(timestep) else torch.tensor(timestep)
-    matches = (torch.as_tensor(timesteps).to(value.device) == value).nonzero()
-    return int(matches[0, 0]) if len(matches) else 0
-
-
 class _Trajectory:
-    """Per-call state: scheduler updates counted so far and, from the first model call on,
-    the model index of every step."""
+    """Per-call state: the step tracker and, from the first model call on, the model index of every step (and,
+    for `floor`, of every loop entry)."""
 
-    def __init__(self, scheduler, fractions: list[float], rule: str = "index", timestep_form: str = "dit",
-                 lcm: bool = False):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, steps: PipelineSteps, fractions: list[float], rule: str = "index",
+                 timestep_form: str = "dit", lcm: bool = False):
+        self.scheduler, self.steps = scheduler, steps
         self.fractions = fractions
         self.rule, self.timestep_form, self.lcm = rule, timestep_form, lcm
-        self.order = max(int(getattr(scheduler, "order", 1) or 1), 1)
-        self.updates = 0                 # scheduler.step calls in this run
         self.per_step: list[int] | None = None
+        self.per_entry: list[int] | None = None
 
     def plan(self, timestep=None) -> list[int]:
         """(n,) model index per step, n = steps this run makes; fixed at the first model call,
         whose `timestep` locates the start for schedulers without a begin index."""
         if self.per_step is None:
-            timesteps = self.scheduler.timesteps
-            if timesteps is None:
+            if self.scheduler.timesteps is None:
                 raise RuntimeError("the stitched denoiser was called before the scheduler's set_timesteps")
-            begin = getattr(self.scheduler, "begin_index", None)
-            if begin is None:
-                begin = _position(timesteps, timestep)
-            calls = len(timesteps) - int(begin)
-            n = max(math.ceil(calls / self.order), 1)
-            # the timestep rule reads each step's timestep: one host copy per run, only for that rule
-            steps = torch.as_tensor(timesteps)[int(begin)::self.order].tolist() if self.rule == "timestep" else None
-            self.per_step = models_for_steps(self.fractions, n, self.rule, timesteps=steps,
-                                             timestep_form=self.timestep_form, lcm=self.lcm)
+            n = self.steps.num_steps(timestep)
+            if self.rule == "floor":  # upstream's (i + 1) / len(timesteps) on its loop index: per entry
+                self.per_entry = models_for_steps(self.fractions, self.steps.num_entries(timestep), "floor",
+                                                  lcm=self.lcm)
+                self.per_step = [self.per_entry[first_entry_of_step(s, self.steps.order, self.steps.warmup)]
+                                 for s in range(n)]
+            else:
+                # the timestep rule reads each step's timestep: one host copy per run, only for that rule
+                steps = self.steps.step_timesteps(timestep) if self.rule == "timestep" else None
+                self.per_step = models_for_steps(self.fractions, n, self.rule, timesteps=steps,
+                                                 timestep_form=self.timestep_form, lcm=self.lcm)
         return self.per_step
 
-    def step_index(self) -> int:
-        return self.updates // self.order
+    def model_of(self, where: StepCall, timestep=None) -> tuple[int, int]:
+        """(step, model index) of the call at `where`; a pipeline that runs past its schedule keeps the last model."""
+        per_step = self.plan(timestep)
+        step = min(where.step, len(per_step) - 1)
+        if self.per_entry is not None:
+            return step, self.per_entry[min(where.entry, len(self.per_entry) - 1)]
+        return step, per_step[step]
 
 
 class StitchedDenoiser(nn.Module):
@@ -102,6 +97,7 @@ class StitchedDenoiser(nn.Module):
         self.rule, self.timestep_form = rule, timestep_form
         self.names = list(names) if names is not None else [f"model{j}" for j in range(len(models))]
         self._trajectory: _Trajectory | None = None
+        self.steps = PipelineSteps()  # the step of each call; its `log` keeps the last pipeline call's
         # what ran in the last pipeline call: model index per step, and (step, model index) per call
         self.last_steps: list[int] = []
         self.last_calls: list[tuple[int, int]] = []
@@ -140,25 +136,13 @@ class StitchedDenoiser(nn.Module):
             raise RuntimeError("this stitched denoiser is already inside a pipeline call (calls do not nest)")
         fractions = self.fractions if fractions is None else resolve_fractions(fractions=fractions,
                                                                                num_models=len(self.models))
-        run = _Trajectory(scheduler, fractions, self.rule, self.timestep_form, lcm)
-        had_own = "step" in vars(scheduler)
-        previous = scheduler.step
-
-        @functools.wraps(previous)  # pipelines read step's signature (eta, generator): keep it visible
-        def counted_step(*args, **kwargs):
-            run.updates += 1
-            return previous(*args, **kwargs)
-
-        scheduler.step = counted_step
+        run = _Trajectory(scheduler, self.steps, fractions, self.rule, self.timestep_form, lcm)
         self._trajectory, self.last_steps, self.last_calls = run, [], []
         try:
-            yield run
+            with run.steps.run(scheduler):
+                yield run
         finally:
             self._trajectory = None
-            if had_own:
-                scheduler.step = previous
-            else:
-                del scheduler.step
 
     def current_model_index(self, timestep=None) -> int:
         run = self._trajectory
@@ -166,9 +150,7 @@ class StitchedDenoiser(nn.Module):
             raise RuntimeError("the stitched denoiser picks its model by the step of a pipeline call: call the "
                                "pipeline (tstitch.stitch_pipeline / get_tstitch_pipeline set it up), or bracket "
                                "the calls in `with stitched.trajectory(scheduler):`")
-        per_step = run.plan(timestep)
-        step = min(run.step_index(), len(per_step) - 1)  # a pipeline that runs past its schedule keeps the last model
-        index = per_step[step]
+        step, index = run.model_of(run.steps.call(), timestep)
         if len(self.last_steps) <= step:
             self.last_steps.append(index)
         self.last_calls.append((step, index))
