@@ -1,0 +1,90 @@
+"""The sweep's numbers: standard errors, the pick, the Markdown table.
+
+Every point samples the same seeds and labels, so two points compare sample by sample: the
+standard error of a difference in agreement is that of the per-sample differences (paired),
+smaller than the two points' own errors combined when they agree on most samples.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .pareto import pareto_front
+from .points import TECHNIQUE_NAMES
+
+
+def agreement_stats(correct: Sequence[bool], baseline_correct: Sequence[bool]) -> dict:
+    """accuracy, its standard error, and the paired difference to the baseline with its standard error."""
+    c, b = np.asarray(correct, dtype=np.float64), np.asarray(baseline_correct, dtype=np.float64)
+    if len(c) != len(b) or len(c) < 2:
+        raise ValueError(f"paired agreement needs the same samples (>= 2) in both: {len(c)} vs {len(b)}")
+    n = len(c)
+    diff = c - b
+    return {
+        "accuracy": float(c.mean()),
+        "accuracy_se": float(c.std(ddof=1) / math.sqrt(n)),
+        "delta": float(diff.mean()),
+        "delta_se": float(diff.std(ddof=1) / math.sqrt(n)),
+        "n": n,
+    }
+
+
+def pick_fastest(rows: Sequence[dict], tolerance: float, cost: str = "seconds") -> dict | None:
+    """The cheapest point (by `cost`) whose agreement is at most `tolerance` below the large model alone's."""
+    baseline = next(r for r in rows if r["technique"] == "baseline")
+    ok = [r for r in rows if r.get(cost) is not None and r["accuracy"] >= baseline["accuracy"] - tolerance - 1e-12]
+    return min(ok, key=lambda r: (r[cost], -r["accuracy"])) if ok else None
+
+
+def mark_frontiers(rows: Sequence[dict]) -> None:
+    """row["frontier"]: the cost axes ("MACs", "time") on whose agreement frontier (all points) the row lies."""
+    on = {id(r): [] for r in rows}
+    for cost, name in (("macs", "MACs"), ("seconds", "time")):
+        if all(r.get(cost) is not None for r in rows):
+            for r in pareto_front(rows, cost, "accuracy"):
+                on[id(r)].append(name)
+    for r in rows:
+        r["frontier"] = on[id(r)]
+
+
+def _steps(row: dict) -> str:
+    steps = row.get("steps_per_model") or {}
+    return " / ".join(str(v) for v in steps.values()) if len(steps) > 1 else f"0 / {sum(steps.values())}"
+
+
+def markdown_table(rows: Sequence[dict], pick: dict | None = None) -> str:
+    """One row per point, in sweep order; time and speed-up against the large model alone of the same run."""
+    baseline = next(r for r in rows if r["technique"] == "baseline")
+    timed = baseline.get("seconds") is not None
+    lines = ["| setting | technique | steps S / L | MACs / image | MACs vs large | sampling s | speed-up | "
+             "agreement (SE) | vs large (paired SE) | 5-NN | Fréchet (floor) | frontier |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['label']}**" if r is pick else r["label"]
+        time = (f"{r['seconds']:.2f} | {baseline['seconds'] / r['seconds']:.2f}x" if timed else "- | -")
+        lines.append(
+            f"| {name} | {TECHNIQUE_NAMES[r['technique']]} | {_steps(r)} | {r['macs'] / 1e6:.1f} M | "
+            f"{baseline['macs'] / r['macs']:.2f}x | {time} | {r['accuracy']:.3f} ({r['accuracy_se']:.3f}) | "
+            f"{100 * r['delta']:+.1f} ({100 * r['delta_se']:.1f}) pt | {r['knn_accuracy']:.3f} | "
+            f"{r['frechet']:.1f} ({r['frechet_real_floor']:.1f}) | {', '.join(r.get('frontier', [])) or ''} |")
+    return "\n".join(lines)
+
+
+def summary(rows: Sequence[dict], pick: dict | None, tolerance: float, cost: str) -> str:
+    """A few lines: the baseline, the pick and how it compares (or that no point is within tolerance)."""
+    baseline = next(r for r in rows if r["technique"] == "baseline")
+    n = baseline["n"]
+    text = [f"large alone: agreement {baseline['accuracy']:.3f} (SE {baseline['accuracy_se']:.3f}, {n} samples), "
+            f"{baseline['macs'] / 1e6:.1f} M MACs per image"
+            + (f", {baseline['seconds']:.2f} s" if baseline.get("seconds") is not None else "")]
+    if pick is None:
+        text.append(f"no point within {tolerance:g} of its agreement")
+        return "\n".join(text)
+    speed = (f"{baseline['seconds'] / pick['seconds']:.2f}x faster in time, " if pick.get("seconds") else "")
+    text.append(f"fastest by {cost} within {tolerance:g} of its agreement: {pick['label']} ({pick['key']}): "
+                f"{speed}{baseline['macs'] / pick['macs']:.2f}x fewer MACs, agreement {pick['accuracy']:.3f} "
+                f"({100 * pick['delta']:+.1f} pt, paired SE {100 * pick['delta_se']:.1f} pt), "
+                f"Fréchet {pick['frechet']:.1f} vs {baseline['frechet']:.1f}")
+    return "\n".join(text)

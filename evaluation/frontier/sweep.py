@@ -1,0 +1,142 @@
+"""The speed-quality sweep (configs/frontier.yaml, scripts/frontier.py): sample, measure, time, draw.
+
+For every point of the grid (points.py):
+
+1. quality: a full sampling run (`diffusion.run.run_from_config`) of `num_samples` samples into
+   `<out>/points/<key>/` (PNGs, samples.npz, metrics.json with the MACs per image counted with the
+   run's hooks acting), then the digits measure (evaluation/digits.py: agreement, 5-NN, Fréchet
+   distance and its floor) into quality.json. A rerun into the same folder keeps finished points
+   (the run folders resume) and refuses a point whose settings changed;
+2. time: every point's run built once and timed round-robin in this process (timing.py), on the
+   first `timing.num_samples` of the same seeds and labels;
+3. the table (frontier.md), every number (frontier.json) and the figure (frontier.png).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.outputs import atomic_write_bytes, save_json
+from diffusion.run import build_hooks, check_config, run_from_config
+from evaluation.digits import agreement_per_sample, evaluate_digits
+
+from .pareto import plot_frontier
+from .points import TECHNIQUES, Point, grid_points
+from .report import agreement_stats, mark_frontiers, markdown_table, pick_fastest, summary
+from .timing import time_round_robin
+
+log = logging.getLogger(__name__)
+
+Compose = Callable[[list[str]], DictConfig]  # overrides of configs/sample.yaml -> the composed config
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def sweep_points(cfg: DictConfig) -> list[Point]:
+    return grid_points(_plain(cfg.grids) or {}, _plain(cfg.gate_defaults))
+
+
+def _int(cfg: DictConfig, key: str, low: int) -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key}={value!r}: must be an integer >= {low}")
+    return value
+
+
+def point_configs(cfg: DictConfig, points: list[Point], compose: Compose) -> dict[str, DictConfig]:
+    """Each point's composed sampling config; everything that needs no model is checked here, before any work."""
+    accel = _plain(cfg.accel)
+    missing = [t for t in TECHNIQUES if t not in (accel or {})]
+    if missing:
+        raise ValueError(f"accel: needs an accel config name for each of {TECHNIQUES}; missing {missing}")
+    shared = [*cfg.base, f"num_samples={_int(cfg, 'num_samples', 2)}", f"batch_size={_int(cfg, 'batch_size', 1)}",
+              f"seed={cfg.seed}", f"device={cfg.device}", f"num_threads={cfg.num_threads}", "progress=false"]
+    cfgs = {}
+    for point in points:
+        run_cfg = compose([*shared, *point.overrides(accel), *cfg.run_overrides])
+        check_config(run_cfg)
+        build_hooks(run_cfg)  # bad gate or fraction settings fail here
+        cfgs[point.key] = run_cfg
+    return cfgs
+
+
+def measure_point(folder: Path) -> dict:
+    """The digits measure of a run folder's samples.npz, with the per-sample agreement (for paired errors)."""
+    with np.load(folder / "samples.npz") as npz:
+        images, labels = npz["arr_0"], npz["arr_1"]
+    quality = evaluate_digits(images, labels)
+    quality["correct"] = agreement_per_sample(images, labels).astype(int).tolist()
+    quality["labels"] = labels.astype(int).tolist()
+    save_json(quality, folder / "quality.json")
+    return quality
+
+
+def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progress: bool = True) -> dict:
+    """Run the sweep of `cfg` (configs/frontier.yaml) into out_dir; returns {"rows", "pick", "table", "summary", ...}."""
+    out_dir = Path(out_dir)
+    points = sweep_points(cfg)
+    tolerance = float(cfg.tolerance)
+    timing = cfg.timing
+    repeats = _int(cfg, "timing.repeats", 0)
+    if repeats:
+        _int(cfg, "timing.num_samples", 1), _int(cfg, "timing.batch_size", 1), _int(cfg, "timing.warmup", 0)
+    cfgs = point_configs(cfg, points, compose)
+    log.info("%d points: %s", len(points), ", ".join(p.label for p in points))
+
+    rows = []
+    for k, point in enumerate(points):
+        folder = out_dir / "points" / point.key
+        log.info("[%d/%d] %s: sampling %d into %s", k + 1, len(points), point.label, cfg.num_samples, folder)
+        metrics = run_from_config(cfgs[point.key], folder)
+        quality = measure_point(folder)
+        rows.append({"key": point.key, "label": point.label, "short_label": point.short_label,
+                     "technique": point.technique, "fraction": point.fraction,
+                     "gate": None if point.gate is None else vars(point.gate),
+                     "steps_per_model": metrics["steps_per_model"], "macs": metrics["macs_per_image"],
+                     "quality_run_seconds": metrics["sampling_seconds"], **quality})
+    baseline = rows[0]
+    for row in rows:
+        if row["labels"] != baseline["labels"]:
+            raise RuntimeError(f"{row['key']}: its samples have other labels than the baseline's (not paired)")
+        row.update(agreement_stats(row["correct"], baseline["correct"]))
+
+    if repeats:
+        times = time_round_robin(cfgs, num_samples=int(timing.num_samples), batch_size=int(timing.batch_size),
+                                 repeats=repeats, warmup=int(timing.warmup), num_threads=cfg.num_threads,
+                                 progress=progress)
+        for row in rows:
+            row["seconds"], row["seconds_runs"] = times[row["key"]]["seconds"], times[row["key"]]["runs"]
+            row["speedup"] = times[baseline["key"]]["seconds"] / row["seconds"]
+    for row in rows:
+        row["macs_speedup"] = baseline["macs"] / row["macs"]
+
+    mark_frontiers(rows)
+    cost = "seconds" if repeats else "macs"
+    pick = pick_fastest(rows, tolerance, cost)
+    table = markdown_table(rows, pick)
+    text = summary(rows, pick, tolerance, cost)
+    first = cfgs[baseline["key"]]
+    stitched = next((cfgs[r["key"]] for r in rows if r["technique"] in ("tstitch", "combined")), first)
+    models = " -> ".join(str(m.name) for m in [*(stitched.accel.get("models") or {}).values(), stitched.model])
+    title = (f"{models}, {first.sampler.name} x{first.sampler.steps}, cfg {first.sampler.cfg_scale}; quality: "
+             f"{baseline['n']} samples, the same seeds and labels at every point"
+             + (f"; time: {timing.num_samples} samples, median of {repeats} (round-robin)" if repeats else ""))
+    figure = Path(cfg.figure) if cfg.get("figure") else out_dir / "frontier.png"
+    plot_frontier(rows, figure, title=title, pick=pick, tolerance=tolerance)
+
+    record = {"settings": _plain(cfg), "summary": text, "pick": pick and pick["key"], "cost": cost,
+              "rows": [{k: v for k, v in r.items() if k not in ("correct", "labels")} for r in rows]}
+    save_json(record, out_dir / "frontier.json")
+    markdown = f"{title}\n\n{text}\n\n{table}\n"
+    for path in [out_dir / "frontier.md", *([Path(cfg.table)] if cfg.get("table") else [])]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, markdown.encode())
+    log.info("%s\n%s", text, table)
+    return {"rows": rows, "pick": pick, "table": table, "summary": text, "figure": figure, "title": title,
+            "json": out_dir / "frontier.json"}
