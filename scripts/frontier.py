@@ -9,7 +9,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from evaluation.frontier import run_frontier
+from evaluation.frontier import replot, run_frontier
 
 
 def compose_sample(overrides: list[str]) -> DictConfig:
@@ -19,6 +19,9 @@ def compose_sample(overrides: list[str]) -> DictConfig:
 
 @hydra.main(config_path="../configs", config_name="frontier", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if cfg.replot:  # the figure again from the run folder's frontier.json
+        print(f"figure: {replot(HydraConfig.get().runtime.output_dir, cfg.figure)}")
+        return
     result = run_frontier(cfg, compose_sample, HydraConfig.get().runtime.output_dir)
     print(f"\n{result['title']}\n\n{result['summary']}\n\n{result['table']}\n\nfigure: {result['figure']}")
 

@@ -6,8 +6,8 @@ the table), pareto.py (frontiers and the figure), sweep.py (the whole sweep; scr
 from evaluation.frontier.pareto import pareto_front, plot_frontier
 from evaluation.frontier.points import BASELINE, Gate, Point, grid_points
 from evaluation.frontier.report import agreement_stats, markdown_table, pick_fastest
-from evaluation.frontier.sweep import run_frontier
+from evaluation.frontier.sweep import replot, run_frontier
 from evaluation.frontier.timing import time_round_robin
 
 __all__ = ["BASELINE", "Gate", "Point", "agreement_stats", "grid_points", "markdown_table", "pareto_front",
-           "pick_fastest", "plot_frontier", "run_frontier", "time_round_robin"]
+           "pick_fastest", "plot_frontier", "replot", "run_frontier", "time_round_robin"]

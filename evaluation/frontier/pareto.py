@@ -45,24 +45,47 @@ def _pyplot():
     return plt
 
 
+def _limits(values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = 0.08 * (hi - lo) or 0.01 * max(abs(hi), 1.0)
+    return lo - pad, hi + pad
+
+
 def plot_frontier(rows: Sequence[dict], out: Path, *, title: str = "", pick: dict | None = None,
                   tolerance: float | None = None) -> Path:
     """Quality (agreement, Fréchet) against MACs and against time (when timed): every point faint,
-    each curve's frontier drawn and labelled, the large model alone as a black star, `pick` ringed."""
+    each curve's frontier drawn and labelled, the large model alone as a black star, `pick` ringed.
+    The quality axis spans the frontiers; points far outside it (e.g. a broken setting) sit on its
+    edge as triangles, with their labels."""
     plt = _pyplot()
     costs = [c for c in COSTS if all(r.get(c[0]) is not None for r in rows)]
-    fig, axes = plt.subplots(len(QUALITIES), len(costs), figsize=(6.2 * len(costs), 4.4 * len(QUALITIES)),
+    fig, axes = plt.subplots(len(QUALITIES), len(costs), figsize=(7.5 * len(costs), 5.2 * len(QUALITIES)),
                              squeeze=False)
     baseline = next(r for r in rows if r["technique"] == "baseline")
+    curves = technique_curves(rows)
     for i, (quality, q_label, higher) in enumerate(QUALITIES):
         for j, (cost, c_label, scale) in enumerate(costs):
             ax = axes[i][j]
-            for (name, label, color), points in zip(CURVES, technique_curves(rows).values()):
-                own = [r for r in points if r["technique"] == name]
+            fronts = {name: pareto_front(points, cost, quality, higher) for name, points in curves.items()}
+            shown = [r[quality] for front in fronts.values() for r in front] + [baseline[quality]]
+            if pick is not None:
+                shown.append(pick[quality])
+            lo, hi = _limits(shown)
+            for name, label, color in CURVES:
+                own = [r for r in curves[name] if r["technique"] == name]
                 if not own:
                     continue
-                ax.scatter([r[cost] * scale for r in own], [r[quality] for r in own], s=14, color=color, alpha=0.35)
-                front = pareto_front(points, cost, quality, higher)
+                inside = [r for r in own if lo <= r[quality] <= hi]
+                ax.scatter([r[cost] * scale for r in inside], [r[quality] for r in inside], s=14, color=color,
+                           alpha=0.35)
+                for r in own:
+                    if not lo <= r[quality] <= hi:  # off the axis: on its edge, pointing the way it lies
+                        edge = lo if r[quality] < lo else hi
+                        ax.scatter([r[cost] * scale], [edge], marker="v" if edge == lo else "^", s=30, color=color,
+                                   alpha=0.6, clip_on=False)
+                        ax.annotate(f"{r['short_label']}: {r[quality]:.3g}", (r[cost] * scale, edge), fontsize=6.5,
+                                    color=color, xytext=(4, 4 if edge == lo else -10), textcoords="offset points")
+                front = fronts[name]
                 ax.plot([r[cost] * scale for r in front], [r[quality] for r in front], "o-", color=color,
                         label=label, ms=5, lw=1.5)
                 for r in front:
@@ -77,19 +100,19 @@ def plot_frontier(rows: Sequence[dict], out: Path, *, title: str = "", pick: dic
             if quality == "accuracy" and tolerance is not None:
                 ax.axhline(baseline["accuracy"] - tolerance, color="grey", ls=":", lw=1,
                            label=f"large alone - {tolerance:g}")
-            if quality == "frechet" and "frechet_real_floor" in baseline:
-                ax.axhline(baseline["frechet_real_floor"], color="grey", ls="--", lw=1, label="real digits, same N")
+            ax.set_ylim(lo, hi)
             ax.set_xlabel(c_label)
-            ax.set_ylabel(q_label + (" (higher is better)" if higher else " (lower is better)"))
+            floor = f"; real digits, same N: {baseline['frechet_real_floor']:.1f}" if quality == "frechet" else ""
+            ax.set_ylabel(q_label + (" (higher is better)" if higher else f" (lower is better{floor})"))
             ax.set_xlim(left=0)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right" if higher else "upper right")
+            ax.legend(fontsize=7, loc="best")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out)
     return out

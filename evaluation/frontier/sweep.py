@@ -124,19 +124,30 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     first = cfgs[baseline["key"]]
     stitched = next((cfgs[r["key"]] for r in rows if r["technique"] in ("tstitch", "combined")), first)
     models = " -> ".join(str(m.name) for m in [*(stitched.accel.get("models") or {}).values(), stitched.model])
-    title = (f"{models}, {first.sampler.name} x{first.sampler.steps}, cfg {first.sampler.cfg_scale}; quality: "
+    title = (f"{models}, {first.sampler.name} x{first.sampler.steps}, cfg {first.sampler.cfg_scale}\nquality: "
              f"{baseline['n']} samples, the same seeds and labels at every point"
              + (f"; time: {timing.num_samples} samples, median of {repeats} (round-robin)" if repeats else ""))
     figure = Path(cfg.figure) if cfg.get("figure") else out_dir / "frontier.png"
     plot_frontier(rows, figure, title=title, pick=pick, tolerance=tolerance)
 
-    record = {"settings": _plain(cfg), "summary": text, "pick": pick and pick["key"], "cost": cost,
+    record = {"settings": _plain(cfg), "title": title, "summary": text, "pick": pick and pick["key"], "cost": cost,
               "rows": [{k: v for k, v in r.items() if k not in ("correct", "labels")} for r in rows]}
     save_json(record, out_dir / "frontier.json")
-    markdown = f"{title}\n\n{text}\n\n{table}\n"
+    markdown = f"{title.replace(chr(10), '; ')}\n\n{text}\n\n{table}\n"
     for path in [out_dir / "frontier.md", *([Path(cfg.table)] if cfg.get("table") else [])]:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, markdown.encode())
     log.info("%s\n%s", text, table)
     return {"rows": rows, "pick": pick, "table": table, "summary": text, "figure": figure, "title": title,
             "json": out_dir / "frontier.json"}
+
+
+def replot(out_dir: str | Path, figure: str | Path | None = None) -> Path:
+    """Draw the figure again from an earlier sweep's frontier.json (no sampling, no timing)."""
+    import json
+
+    record = json.loads((Path(out_dir) / "frontier.json").read_text())
+    rows = record["rows"]
+    pick = next((r for r in rows if r["key"] == record["pick"]), None)
+    return plot_frontier(rows, Path(figure) if figure else Path(out_dir) / "frontier.png", title=record["title"],
+                         pick=pick, tolerance=float(record["settings"]["tolerance"]))
