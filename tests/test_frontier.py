@@ -232,7 +232,7 @@ def test_the_script_runs_a_tiny_sweep(tmp_path):
 def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_sample):
     fast = compose_sample("+exp=digits_fast")
     base = compose_sample("+exp=digits_fast", "accel=none")
-    assert fast.accel.name == "tstitch_digits_tgate" and set(fast.accel.hooks) == {"tstitch", "tgate"}
+    assert fast.accel.name == "tstitch_digits_tgate_fast" and set(fast.accel.hooks) == {"tstitch", "tgate"}
     assert fast.accel.models.small.name == "DiT-digits-S" and fast.model.name == "DiT-digits-L"
     assert fast.accel.models.small.ckpt == "checkpoints/digits/digits_s.pt"
     hooks = OmegaConf.to_container(fast.accel.hooks, resolve=True)
@@ -255,3 +255,23 @@ def test_digits_fast_samples_and_differs_from_its_baseline(compose_sample, tmp_p
     assert m_base["steps_per_model"] == {"DiT-digits-L": 10} and m_base["accel"] == "none"
     assert m_fast["macs_per_image"] < m_base["macs_per_image"]
     assert not np.allclose(run_latents(tmp_path / "fast"), run_latents(tmp_path / "base"), atol=1e-3)
+
+
+def test_tgate_keep_guidance_caches_self_attention_and_guides_every_step(compose_sample, tmp_path, run_latents):
+    """accel=tgate_keep_guidance: the gate at the end (no step drops guidance), self-attention reused between
+    its sp_interval refreshes; it samples other latents than the plain model, fewer MACs, more than accel=tgate."""
+    from diffusion.run import run_from_config
+    from tgate import Action, gate_actions
+
+    tiny = ["+exp=digits_fast", "sampler.steps=10", "num_samples=4", "batch_size=4", "progress=false", CKPTS[0]]
+    keep = compose_sample(*tiny, "accel=tgate_keep_guidance")
+    assert keep.accel.tgate.gate_step == 10 and keep.accel.hooks.tgate.gate_step == 10
+    settings = {k: keep.accel.tgate[k] for k in ("gate_step", "sp_interval", "fi_interval", "warm_up")}
+    table = [gate_actions(s, **settings) for s in range(10)]
+    assert all(a.guidance for a in table) and sum(a.self_attn is Action.REUSE for a in table) >= 4
+    runs = {name: run_from_config(compose_sample(*tiny, *extra), tmp_path / name) for name, extra in (
+        ("keep", ["accel=tgate_keep_guidance"]), ("plain", ["accel=none"]),
+        ("gated", ["accel=tgate", "accel.tgate.gate_step=5", "accel.tgate.sp_interval=3"]))}
+    macs = {name: m["macs_per_image"] for name, m in runs.items()}
+    assert macs["plain"] > macs["keep"] > macs["gated"]
+    assert not torch.allclose(run_latents(tmp_path / "keep"), run_latents(tmp_path / "plain"), atol=1e-4)
