@@ -15,13 +15,14 @@ from conftest import CONFIGS
 from evaluation.digits import evaluate_digits
 from evaluation.frontier import BASELINE, Gate, Point, agreement_stats, grid_points, pareto_front, pick_fastest
 from evaluation.frontier import run_frontier
+from evaluation.frontier.sweep import own_point
 from evaluation.frontier import timing as frontier_timing
 
 ROOT = CONFIGS.parent
 CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 # 2 x 2 points: the large model alone, T-Stitch 0.5, T-GATE g3, both; 6 DDIM steps, 12 samples
-TINY = ["num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4", "timing.repeats=2",
+TINY = ["base_point=false", "num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4", "timing.repeats=2",
         "timing.warmup=0", "grids=[{fractions: [0.0, 0.5], gates: [null, {gate_step: 3}]}]"]
 
 
@@ -194,6 +195,26 @@ def test_tiny_sweep_writes_table_figure_and_numbers(frontier_cfg, tmp_path):
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows.values()]
     assert "seconds" not in again["rows"][0] and json.loads((tmp_path / "sweep/frontier.json").read_text())["cost"] == "macs"
     assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 10_000
+
+
+def test_the_base_experiments_own_point(frontier_cfg, tmp_path):
+    """base_point: +exp=digits_fast's own fraction and gate, read from its config, against the large model alone."""
+    compose_frontier, compose_sample = frontier_cfg
+    fast = compose_sample(["+exp=digits_fast"])
+    cfg = compose_frontier(*TINY, "base_point=true", "grids=[]", "timing.repeats=1")
+    result = run_frontier(cfg, compose_sample, tmp_path, progress=False)
+    base, own = result["rows"]
+    g = fast.accel.tgate
+    assert own["key"] == (f"r{fast.accel.tstitch.ratio:.2f}-g{g.gate_step}-sp{g.sp_interval}-fi{g.fi_interval}"
+                          f"-wu{g.warm_up}-{g.branch}")
+    assert own["base_point"] and not base["base_point"] and own["technique"] == "combined"
+    assert f"| {own['label']} (+exp=digits_fast) |" in result["table"].replace("**", "")
+    assert f"+exp=digits_fast: {own['label']} ({own['key']}): " in result["summary"]
+    for bad, message in (({"hooks": {"deep_cache": {}}, "name": "deep_cache"}, "hooks \\['deep_cache'\\]"),
+                         ({"hooks": {"tstitch": {}}, "tstitch": {"ratio": 0.4, "fractions": [0.2, 0.2, 0.6]}},
+                          "several models")):
+        with pytest.raises(ValueError, match=message):
+            own_point(OmegaConf.create({"accel": bad}))
 
 
 def test_bad_settings_fail_before_any_sampling(frontier_cfg, tmp_path):

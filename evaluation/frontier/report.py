@@ -54,15 +54,17 @@ def _steps(row: dict) -> str:
     return " / ".join(str(v) for v in steps.values()) if len(steps) > 1 else f"0 / {sum(steps.values())}"
 
 
-def markdown_table(rows: Sequence[dict], pick: dict | None = None) -> str:
-    """One row per point, in sweep order; time and speed-up against the large model alone of the same run."""
+def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: str = "base") -> str:
+    """One row per point, in sweep order; time and speed-up against the large model alone of the same run.
+    The pick is in bold; the base config's own point (base_point) is marked with base_name."""
     baseline = next(r for r in rows if r["technique"] == "baseline")
     timed = baseline.get("seconds") is not None
     lines = ["| setting | technique | steps S / L | MACs / image | MACs vs large | sampling s | speed-up | "
              "agreement (SE) | vs large (paired SE) | 5-NN | Fréchet (floor) | frontier |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"**{r['label']}**" if r is pick else r["label"]
+        name = r["label"] + (f" ({base_name})" if r.get("base_point") and r["technique"] != "baseline" else "")
+        name = f"**{name}**" if r is pick else name
         time = (f"{r['seconds']:.2f} | {baseline['seconds'] / r['seconds']:.2f}x" if timed else "- | -")
         lines.append(
             f"| {name} | {TECHNIQUE_NAMES[r['technique']]} | {_steps(r)} | {r['macs'] / 1e6:.1f} M | "
@@ -72,19 +74,26 @@ def markdown_table(rows: Sequence[dict], pick: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def summary(rows: Sequence[dict], pick: dict | None, tolerance: float, cost: str) -> str:
-    """A few lines: the baseline, the pick and how it compares (or that no point is within tolerance)."""
+def _versus(row: dict, baseline: dict) -> str:
+    speed = f"{baseline['seconds'] / row['seconds']:.2f}x faster in time, " if row.get("seconds") else ""
+    return (f"{speed}{baseline['macs'] / row['macs']:.2f}x fewer MACs, agreement {row['accuracy']:.3f} "
+            f"({100 * row['delta']:+.1f} pt, paired SE {100 * row['delta_se']:.1f} pt), "
+            f"Fréchet {row['frechet']:.1f} vs {baseline['frechet']:.1f}")
+
+
+def summary(rows: Sequence[dict], pick: dict | None, tolerance: float, cost: str, base_name: str = "base") -> str:
+    """A few lines: the baseline, the pick and how it compares (or that no point is within tolerance), and
+    the base config's own point (base_point)."""
     baseline = next(r for r in rows if r["technique"] == "baseline")
-    n = baseline["n"]
-    text = [f"large alone: agreement {baseline['accuracy']:.3f} (SE {baseline['accuracy_se']:.3f}, {n} samples), "
-            f"{baseline['macs'] / 1e6:.1f} M MACs per image"
+    text = [f"large alone: agreement {baseline['accuracy']:.3f} (SE {baseline['accuracy_se']:.3f}, {baseline['n']} "
+            f"samples), {baseline['macs'] / 1e6:.1f} M MACs per image"
             + (f", {baseline['seconds']:.2f} s" if baseline.get("seconds") is not None else "")]
     if pick is None:
         text.append(f"no point within {tolerance:g} of its agreement")
-        return "\n".join(text)
-    speed = (f"{baseline['seconds'] / pick['seconds']:.2f}x faster in time, " if pick.get("seconds") else "")
-    text.append(f"fastest by {cost} within {tolerance:g} of its agreement: {pick['label']} ({pick['key']}): "
-                f"{speed}{baseline['macs'] / pick['macs']:.2f}x fewer MACs, agreement {pick['accuracy']:.3f} "
-                f"({100 * pick['delta']:+.1f} pt, paired SE {100 * pick['delta_se']:.1f} pt), "
-                f"Fréchet {pick['frechet']:.1f} vs {baseline['frechet']:.1f}")
+    else:
+        text.append(f"fastest by {cost} within {tolerance:g} of its agreement: {pick['label']} ({pick['key']}): "
+                    + _versus(pick, baseline))
+    own = next((r for r in rows if r.get("base_point") and r["technique"] != "baseline"), None)
+    if own is not None:
+        text.append(f"{base_name}: {own['label']} ({own['key']}): " + _versus(own, baseline))
     return "\n".join(text)

@@ -25,7 +25,7 @@ from diffusion.run import build_hooks, check_config, run_from_config
 from evaluation.digits import agreement_per_sample, evaluate_digits
 
 from .pareto import plot_frontier
-from .points import TECHNIQUES, Point, grid_points
+from .points import TECHNIQUES, Gate, Point, grid_points
 from .report import agreement_stats, mark_frontiers, markdown_table, pick_fastest, summary
 from .timing import time_round_robin
 
@@ -38,8 +38,34 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def sweep_points(cfg: DictConfig) -> list[Point]:
-    return grid_points(_plain(cfg.grids) or {}, _plain(cfg.gate_defaults))
+def own_point(run_cfg: DictConfig) -> Point:
+    """The point a composed sampling config runs (its T-Stitch fraction and T-GATE setting), e.g. +exp=digits_fast's."""
+    hooks = set(run_cfg.accel.get("hooks") or {})
+    if hooks - {"tstitch", "tgate"}:
+        raise ValueError(f"base_point: the base config's accel={run_cfg.accel.name} has hooks {sorted(hooks)}; "
+                         "a sweep point is a T-Stitch fraction and/or a T-GATE setting (hooks tstitch, tgate)")
+    fraction = 0.0
+    if "tstitch" in hooks:
+        if run_cfg.accel.tstitch.get("fractions") is not None:
+            raise ValueError("base_point: the base config stitches several models (accel.tstitch.fractions); "
+                             "a sweep point has one small-model fraction")
+        fraction = float(run_cfg.accel.tstitch.ratio)
+    gate = None
+    if "tgate" in hooks:
+        tg = run_cfg.accel.tgate
+        if tg.get("lcm"):
+            raise ValueError("base_point: the base config gates with lcm=true; sweep points run with guidance")
+        gate = Gate(int(tg.gate_step), int(tg.sp_interval), int(tg.fi_interval), int(tg.warm_up), str(tg.branch))
+    return Point(fraction, gate)
+
+
+def sweep_points(cfg: DictConfig, compose: Compose) -> tuple[list[Point], Point | None]:
+    """The grid's points and, with base_point, the base config's own one (added when the grid lacks it)."""
+    points = grid_points(_plain(cfg.grids) or [], _plain(cfg.gate_defaults))
+    own = own_point(compose([*cfg.base, *cfg.run_overrides])) if cfg.get("base_point") else None
+    if own is not None and own not in points:
+        points.append(own)
+    return points, own
 
 
 def _int(cfg: DictConfig, key: str, low: int) -> int:
@@ -80,7 +106,7 @@ def measure_point(folder: Path) -> dict:
 def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progress: bool = True) -> dict:
     """Run the sweep of `cfg` (configs/frontier.yaml) into out_dir; returns {"rows", "pick", "table", "summary", ...}."""
     out_dir = Path(out_dir)
-    points = sweep_points(cfg)
+    points, own = sweep_points(cfg, compose)
     tolerance = float(cfg.tolerance)
     timing = cfg.timing
     repeats = _int(cfg, "timing.repeats", 0)
@@ -96,7 +122,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
         metrics = run_from_config(cfgs[point.key], folder)
         quality = measure_point(folder)
         rows.append({"key": point.key, "label": point.label, "short_label": point.short_label,
-                     "technique": point.technique, "fraction": point.fraction,
+                     "technique": point.technique, "base_point": point == own, "fraction": point.fraction,
                      "gate": None if point.gate is None else vars(point.gate),
                      "steps_per_model": metrics["steps_per_model"], "macs": metrics["macs_per_image"],
                      "quality_run_seconds": metrics["sampling_seconds"], **quality})
@@ -119,8 +145,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     mark_frontiers(rows)
     cost = "seconds" if repeats else "macs"
     pick = pick_fastest(rows, tolerance, cost)
-    table = markdown_table(rows, pick)
-    text = summary(rows, pick, tolerance, cost)
+    base_name = " ".join(cfg.base)
+    table = markdown_table(rows, pick, base_name)
+    text = summary(rows, pick, tolerance, cost, base_name)
     first = cfgs[baseline["key"]]
     stitched = next((cfgs[r["key"]] for r in rows if r["technique"] in ("tstitch", "combined")), first)
     models = " -> ".join(str(m.name) for m in [*(stitched.accel.get("models") or {}).values(), stitched.model])
