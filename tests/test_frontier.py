@@ -22,8 +22,8 @@ ROOT = CONFIGS.parent
 CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 # 2 x 2 points: the large model alone, T-Stitch 0.5, T-GATE g3, both; 6 DDIM steps, 12 samples
-TINY = ["base_point=false", "num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4", "timing.repeats=2",
-        "timing.warmup=0", "grids=[{fractions: [0.0, 0.5], gates: [null, {gate_step: 3}]}]"]
+TINY = ["base_point=false", "num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4",
+        "timing.repeats=2", "timing.warmup=0", "grids=[{fractions: [0.0, 0.5], gates: [null, {gate_step: 3}]}]"]
 
 
 @pytest.fixture
@@ -193,7 +193,8 @@ def test_tiny_sweep_writes_table_figure_and_numbers(frontier_cfg, tmp_path):
     again = run_frontier(cfg2, compose_sample, tmp_path / "sweep", progress=False)
     assert {k: (tmp_path / "sweep/points" / k / "samples.npz").stat().st_mtime_ns for k in rows} == stamps
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows.values()]
-    assert "seconds" not in again["rows"][0] and json.loads((tmp_path / "sweep/frontier.json").read_text())["cost"] == "macs"
+    assert "seconds" not in again["rows"][0]
+    assert json.loads((tmp_path / "sweep/frontier.json").read_text())["cost"] == "macs"
     assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 10_000
 
 

@@ -103,59 +103,72 @@ def measure_point(folder: Path) -> dict:
     return quality
 
 
-def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run the sweep of `cfg` (configs/frontier.yaml) into out_dir; returns {"rows", "pick", "table", "summary", ...}."""
-    out_dir = Path(out_dir)
-    points, own = sweep_points(cfg, compose)
-    tolerance = float(cfg.tolerance)
-    timing = cfg.timing
-    repeats = _int(cfg, "timing.repeats", 0)
-    if repeats:
-        _int(cfg, "timing.num_samples", 1), _int(cfg, "timing.batch_size", 1), _int(cfg, "timing.warmup", 0)
-    cfgs = point_configs(cfg, points, compose)
-    log.info("%d points: %s", len(points), ", ".join(p.label for p in points))
-
+def sample_and_measure(points: list[Point], cfgs: dict[str, DictConfig], out_dir: Path,
+                       own: Point | None) -> list[dict]:
+    """One row per point: its sampling run (resumed when already in out_dir), MACs and quality, the agreement
+    paired with the first point's (the large model alone) sample by sample."""
     rows = []
     for k, point in enumerate(points):
         folder = out_dir / "points" / point.key
-        log.info("[%d/%d] %s: sampling %d into %s", k + 1, len(points), point.label, cfg.num_samples, folder)
+        log.info("[%d/%d] %s: %d samples in %s", k + 1, len(points), point.label, cfgs[point.key].num_samples, folder)
         metrics = run_from_config(cfgs[point.key], folder)
-        quality = measure_point(folder)
         rows.append({"key": point.key, "label": point.label, "short_label": point.short_label,
                      "technique": point.technique, "base_point": point == own, "fraction": point.fraction,
                      "gate": None if point.gate is None else vars(point.gate),
                      "steps_per_model": metrics["steps_per_model"], "macs": metrics["macs_per_image"],
-                     "quality_run_seconds": metrics["sampling_seconds"], **quality})
+                     "quality_run_seconds": metrics["sampling_seconds"], **measure_point(folder)})
     baseline = rows[0]
     for row in rows:
         if row["labels"] != baseline["labels"]:
             raise RuntimeError(f"{row['key']}: its samples have other labels than the baseline's (not paired)")
         row.update(agreement_stats(row["correct"], baseline["correct"]))
+        row["macs_speedup"] = baseline["macs"] / row["macs"]
+    return rows
 
+
+def _title(cfgs: dict[str, DictConfig], rows: list[dict], timing: DictConfig, repeats: int) -> str:
+    first = cfgs[rows[0]["key"]]
+    stitched = next((cfgs[r["key"]] for r in rows if r["technique"] in ("tstitch", "combined")), first)
+    models = " -> ".join(str(m.name) for m in [*(stitched.accel.get("models") or {}).values(), stitched.model])
+    return (f"{models}, {first.sampler.name} x{first.sampler.steps}, cfg {first.sampler.cfg_scale}\nquality: "
+            f"{rows[0]['n']} samples, the same seeds and labels at every point"
+            + (f"; time: {timing.num_samples} samples, median of {repeats} (round-robin)" if repeats else ""))
+
+
+def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progress: bool = True) -> dict:
+    """Run the sweep of `cfg` (configs/frontier.yaml) into out_dir.
+
+    Returns {"rows", "pick", "table", "summary", "figure", "title", "json"}."""
+    out_dir = Path(out_dir)
+    tolerance = cfg.tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance={tolerance!r}: must be a number in [0, 1) (agreement is a share)")
+    timing = cfg.timing
+    repeats = _int(cfg, "timing.repeats", 0)
+    if repeats:
+        _int(cfg, "timing.num_samples", 1), _int(cfg, "timing.batch_size", 1), _int(cfg, "timing.warmup", 0)
+    points, own = sweep_points(cfg, compose)
+    cfgs = point_configs(cfg, points, compose)  # every check before any work
+    log.info("%d points: %s", len(points), ", ".join(p.label for p in points))
+
+    rows = sample_and_measure(points, cfgs, out_dir, own)
     if repeats:
         times = time_round_robin(cfgs, num_samples=int(timing.num_samples), batch_size=int(timing.batch_size),
                                  repeats=repeats, warmup=int(timing.warmup), num_threads=cfg.num_threads,
                                  progress=progress)
         for row in rows:
             row["seconds"], row["seconds_runs"] = times[row["key"]]["seconds"], times[row["key"]]["runs"]
-            row["speedup"] = times[baseline["key"]]["seconds"] / row["seconds"]
-    for row in rows:
-        row["macs_speedup"] = baseline["macs"] / row["macs"]
+            row["speedup"] = times[rows[0]["key"]]["seconds"] / row["seconds"]
 
     mark_frontiers(rows)
     cost = "seconds" if repeats else "macs"
-    pick = pick_fastest(rows, tolerance, cost)
+    pick = pick_fastest(rows, float(tolerance), cost)
     base_name = " ".join(cfg.base)
     table = markdown_table(rows, pick, base_name)
-    text = summary(rows, pick, tolerance, cost, base_name)
-    first = cfgs[baseline["key"]]
-    stitched = next((cfgs[r["key"]] for r in rows if r["technique"] in ("tstitch", "combined")), first)
-    models = " -> ".join(str(m.name) for m in [*(stitched.accel.get("models") or {}).values(), stitched.model])
-    title = (f"{models}, {first.sampler.name} x{first.sampler.steps}, cfg {first.sampler.cfg_scale}\nquality: "
-             f"{baseline['n']} samples, the same seeds and labels at every point"
-             + (f"; time: {timing.num_samples} samples, median of {repeats} (round-robin)" if repeats else ""))
+    text = summary(rows, pick, float(tolerance), cost, base_name)
+    title = _title(cfgs, rows, timing, repeats)
     figure = Path(cfg.figure) if cfg.get("figure") else out_dir / "frontier.png"
-    plot_frontier(rows, figure, title=title, pick=pick, tolerance=tolerance)
+    plot_frontier(rows, figure, title=title, pick=pick, tolerance=float(tolerance))
 
     record = {"settings": _plain(cfg), "title": title, "summary": text, "pick": pick and pick["key"], "cost": cost,
               "rows": [{k: v for k, v in r.items() if k not in ("correct", "labels")} for r in rows]}
