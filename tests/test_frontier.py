@@ -21,9 +21,9 @@ from evaluation.frontier import timing as frontier_timing
 ROOT = CONFIGS.parent
 CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
-# 2 x 2 points: the large model alone, T-Stitch 0.5, T-GATE g3, both; 6 DDIM steps, 12 samples
+# 2 x 2 points: the large model alone, T-Stitch 0.4 (2 of 6 steps), T-GATE g3, both; 6 DDIM steps, 12 samples
 TINY = ["base_point=false", "num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4",
-        "timing.repeats=2", "timing.warmup=0", "grids=[{fractions: [0.0, 0.5], gates: [null, {gate_step: 3}]}]"]
+        "timing.repeats=2", "timing.warmup=0", "grids=[{fractions: [0.0, 0.4], gates: [null, {gate_step: 3}]}]"]
 
 
 @pytest.fixture
@@ -155,11 +155,12 @@ def test_tiny_sweep_writes_table_figure_and_numbers(frontier_cfg, tmp_path):
     cfg = compose_frontier(*TINY, f"figure={tmp_path / 'docs' / 'f.png'}", f"table={tmp_path / 'docs' / 't.md'}")
     result = run_frontier(cfg, compose_sample, tmp_path / "sweep", progress=False)
     rows = {r["key"]: r for r in result["rows"]}
-    assert list(rows) == ["r0.00", "r0.50", "r0.00-g3-sp1-fi1-wu2-cond", "r0.50-g3-sp1-fi1-wu2-cond"]
+    assert list(rows) == ["r0.00", "r0.40", "r0.00-g3-sp1-fi1-wu2-cond", "r0.40-g3-sp1-fi1-wu2-cond"]
     base, stitch, gate, both = rows.values()
     assert [r["technique"] for r in rows.values()] == ["baseline", "tstitch", "tgate", "combined"]
-    assert base["steps_per_model"] == {"DiT-digits-L": 6}
-    assert stitch["steps_per_model"] == both["steps_per_model"] == {"DiT-digits-S": 3, "DiT-digits-L": 3}
+    assert base["models"] == ["DiT-digits-L"] and base["steps"] == [6]
+    assert stitch["models"] == both["models"] == ["DiT-digits-S", "DiT-digits-L"]
+    assert stitch["steps"] == both["steps"] == [2, 4] and gate["steps"] == [6]
     assert base["macs"] > stitch["macs"] > both["macs"] and base["macs"] > gate["macs"] > both["macs"]
     # quality: the digits measure of each point's own samples, all points on the same labels
     for key, row in rows.items():
@@ -176,6 +177,7 @@ def test_tiny_sweep_writes_table_figure_and_numbers(frontier_cfg, tmp_path):
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 4 and lines[0].startswith("| setting | technique | steps S / L | MACs / image |")
     assert lines[1].startswith("| large alone | large alone | 0 / 6 |") and "| 1.00x |" in lines[1]
+    assert lines[2].startswith("| S 0.4 | T-Stitch | 2 / 4 |")
     assert lines[4].split(" | ")[1] == "T-Stitch + T-GATE"
     assert f"{base['macs'] / both['macs']:.2f}x" in lines[4]
     record = json.loads((tmp_path / "sweep" / "frontier.json").read_text())

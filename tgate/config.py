@@ -12,7 +12,8 @@ BRANCHES = ("cond", "uncond")
 class TGateConfig:
     """gate_step: first step without guidance (the cross-attention outputs of step
     gate_step - 1 are cached and reused from then on); a value past the last step
-    switches gating off. sp_interval / fi_interval: self-attention is recomputed every
+    keeps guidance on every step (self-attention is still cached every sp_interval
+    steps; with sp_interval=1 too, nothing is gated). sp_interval / fi_interval: self-attention is recomputed every
     sp_interval steps before the gate and every fi_interval steps after it (1 = always).
     warm_up: steps before the first self-attention cache. lcm: the denoiser runs
     without a CFG batch (LCM), so caches keep their shape.

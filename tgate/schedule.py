@@ -45,7 +45,8 @@ def _is_int(value) -> bool:
 def check_schedule(gate_step, sp_interval, fi_interval, warm_up, lcm=False) -> None:
     """Raise ValueError naming the first bad setting and its allowed range.
 
-    A gate_step past the last step is allowed: it switches gating (and truncation) off.
+    A gate_step past the last step is allowed: guidance is never truncated and only the
+    self-attention caching before the gate acts (sp_interval=1 too: nothing is gated).
     """
     for key, value, low in (("gate_step", gate_step, 1), ("sp_interval", sp_interval, 1),
                             ("fi_interval", fi_interval, 1), ("warm_up", warm_up, 0)):

@@ -50,8 +50,9 @@ def mark_frontiers(rows: Sequence[dict]) -> None:
 
 
 def _steps(row: dict) -> str:
-    steps = row.get("steps_per_model") or {}
-    return " / ".join(str(v) for v in steps.values()) if len(steps) > 1 else f"0 / {sum(steps.values())}"
+    """Steps of each model in run order (small first); the large model alone: 0 / n."""
+    steps = row["steps"]
+    return " / ".join(str(v) for v in steps) if len(steps) > 1 else f"0 / {steps[0]}"
 
 
 def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: str = "base") -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.outputs import atomic_write_bytes, save_json
-from diffusion.run import build_hooks, check_config, run_from_config
+from diffusion.run import build_hooks, check_config, model_configs, model_names, run_from_config
 from evaluation.digits import agreement_per_sample, evaluate_digits
 
 from .pareto import plot_frontier
@@ -112,10 +112,12 @@ def sample_and_measure(points: list[Point], cfgs: dict[str, DictConfig], out_dir
         folder = out_dir / "points" / point.key
         log.info("[%d/%d] %s: %d samples in %s", k + 1, len(points), point.label, cfgs[point.key].num_samples, folder)
         metrics = run_from_config(cfgs[point.key], folder)
+        models = model_names(model_configs(cfgs[point.key]))  # run order (metrics.json sorts its keys)
         rows.append({"key": point.key, "label": point.label, "short_label": point.short_label,
                      "technique": point.technique, "base_point": point == own, "fraction": point.fraction,
                      "gate": None if point.gate is None else vars(point.gate),
-                     "steps_per_model": metrics["steps_per_model"], "macs": metrics["macs_per_image"],
+                     "models": models, "steps": [metrics["steps_per_model"][m] for m in models],
+                     "macs": metrics["macs_per_image"],
                      "quality_run_seconds": metrics["sampling_seconds"], **measure_point(folder)})
     baseline = rows[0]
     for row in rows:
