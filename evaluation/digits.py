@@ -79,13 +79,21 @@ class DigitsQuality:
         pick = rng.choice(len(self.real_features), size=n, replace=n > len(self.real_features))
         return self.frechet(self.real_features[pick])
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
-        features = digits_features(images)
+    def correct(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(N,) bool: whether the classifier gives sample k its requested class (the terms of `accuracy`;
+        two runs on the same seeds and labels compare sample by sample, for paired standard errors)."""
+        return self._correct(digits_features(images), labels)
+
+    def _correct(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels).astype(np.int64)
         if len(features) != len(labels):
             raise ValueError(f"{len(features)} images but {len(labels)} labels")
-        predicted = self.classifier.predict(features)
-        correct = predicted == labels
+        return self.classifier.predict(features) == labels
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        features = digits_features(images)
+        labels = np.asarray(labels).astype(np.int64)
+        correct = self._correct(features, labels)
         per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
         return {
             "accuracy": float(correct.mean()),
@@ -105,6 +113,11 @@ def _quality() -> DigitsQuality:
 def evaluate_digits(images: np.ndarray, labels: np.ndarray) -> dict:
     """The measure with the shared, fitted-once classifier (about a second the first time)."""
     return _quality()(images, labels)
+
+
+def agreement_per_sample(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) bool: sample k's classifier agreement, with the shared classifier (the mean is `accuracy`)."""
+    return _quality().correct(images, labels)
 
 
 def classifier_cv_accuracy(folds: int = 5) -> float:

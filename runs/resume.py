@@ -86,6 +86,11 @@ def png_problem(path: Path, size: tuple[int, int] | None) -> str | None:
     return None
 
 
+# Keys samples_config.json gained after folders were written, with the value every earlier run had, so
+# that such a folder still resumes: every run sampled in float32 before `precision` existed.
+KEYS_ADDED_LATER = {"precision": "fp32"}
+
+
 class SampleFolder:
     def __init__(self, out_dir: str | Path, num_samples: int, image_size: int | None = None):
         """image_size: the side of the run's square images; PNGs of another size count as damaged."""
@@ -103,6 +108,8 @@ class SampleFolder:
         if not path.is_file():
             return
         saved = json.loads(path.read_text())
+        for key, before in KEYS_ADDED_LATER.items():  # folders written before the key existed ran with `before`
+            saved.setdefault(key, before)
         diff = _differences(saved, json.loads(json.dumps(config)))
         if diff:
             raise ValueError(f"{self.dir} holds samples of another config ({'; '.join(diff[:5])}"

@@ -124,11 +124,12 @@ def must_apply(cfg, own: str, accel: str) -> bool:
             "FluxTransformer2DModel": {"tstitch_flux"},  # guidance-distilled: nothing for T-GATE to act on
         }.get(denoiser, set())
     if cfg.model._target_ == "ldm.build_ldm":
-        return accel in {"tgate", "deep_cache", "tgate_deep_cache"} | (
+        return accel in {"tgate", "tgate_keep_guidance", "deep_cache", "tgate_deep_cache"} | (
             {"tstitch_ldm", "tstitch_ldm_tgate"} if own == "tstitch_ldm" else set())
-    if own == "tstitch_digits":
-        return accel in {"tgate", "tstitch_digits_tgate"}
-    return accel in {"tgate", "tstitch", "tstitch_tgate", "tstitch_sbxl"}  # DiT-XL/2 with T-Stitch's DiT-S/B
+    digits = {"tstitch_digits", "tstitch_digits_tgate", "tstitch_digits_tgate_fast"}
+    if own in digits:
+        return accel in {"tgate", "tgate_keep_guidance"} | digits
+    return accel in {"tgate", "tgate_keep_guidance", "tstitch", "tstitch_tgate", "tstitch_sbxl"}  # DiT-XL/2 with T-Stitch's DiT-S/B
 
 
 _meta_models: dict = {}  # built once per set of model configs (meta: no memory, no weights)

@@ -97,3 +97,21 @@ def test_a_done_folder_with_a_damaged_npz_rebuilds_it(compose_sample, tmp_path, 
     metrics = run_from_config(compose_sample(*DIGITS, "num_samples=8"), tmp_path)
     assert metrics["num_generated"] == 0 and _pngs(tmp_path) == before
     _assert_equal_to(tmp_path, clean_run)
+
+
+def test_a_folder_from_before_precision_existed_resumes_as_fp32_only(compose_sample, tmp_path, clean_run):
+    """samples_config.json written before the `precision` key: it ran in float32, so an fp32 run resumes
+    it (to the same images) and a bf16 run is refused."""
+    import json
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(clean_run, folder)
+    config = json.loads((folder / "samples_config.json").read_text())
+    assert config.pop("precision") == "fp32"
+    (folder / "samples_config.json").write_text(json.dumps(config))
+    (folder / "000006.png").unlink()
+    run_from_config(compose_sample(*DIGITS, "num_samples=8"), folder)
+    _assert_equal_to(folder, clean_run)
+    with pytest.raises(ValueError, match="precision: folder has 'fp32', this run 'bf16'"):
+        run_from_config(compose_sample(*DIGITS, "num_samples=8", "precision=bf16"), folder)

@@ -1,0 +1,30 @@
+"""The speed-quality frontier: python scripts/frontier.py [key=value ...]; --help for more.
+
+Sweeps T-Stitch fractions x T-GATE settings on one pair (configs/frontier.yaml), all points on the
+same seeds and labels, and writes the table, the numbers and the Pareto-frontier figure into the
+run folder (benchmarks/frontier/).
+"""
+import hydra
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from benchmarks.frontier import replot, run_frontier
+
+
+def compose_sample(overrides: list[str]) -> DictConfig:
+    """configs/sample.yaml with the overrides, as `scripts/sample.py OVERRIDES` would compose it."""
+    return compose(config_name="sample", overrides=overrides)
+
+
+@hydra.main(config_path="../configs", config_name="frontier", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.replot:  # the figure again from the run folder's frontier.json
+        print(f"figure: {replot(HydraConfig.get().runtime.output_dir, cfg.figure)}")
+        return
+    result = run_frontier(cfg, compose_sample, HydraConfig.get().runtime.output_dir)
+    print(f"\n{result['title']}\n\n{result['summary']}\n\n{result['table']}\n\nfigure: {result['figure']}")
+
+
+if __name__ == "__main__":
+    main()
