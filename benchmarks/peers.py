@@ -29,6 +29,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from diffusion.compile import CompileStats, compile_denoiser
+from diffusion.errors import UserError
 from diffusion.precision import tf32_matmuls
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.sampler import sample
@@ -86,7 +87,7 @@ def build_rows(name: str, small_name: str, *, image_size: int, steps: int, cfg_s
                stitch_precision: str = "fp32") -> list[Row]:
     """The rows for model `name` (T-Stitch rows with `small_name` unless it is the model itself)."""
     if stitch_precision not in ("fp32", "tf32", "bf16"):
-        raise ValueError(f"stitch_precision={stitch_precision!r}: allowed values are fp32, tf32, bf16")
+        raise UserError(f"stitch_precision={stitch_precision!r}: allowed values are fp32, tf32, bf16")
     latent = image_size // 8
     torch.manual_seed(seed)
     ours = random_dit(name, latent, device)

@@ -5,7 +5,6 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion.timing import time_with_and_without
-
 from runs.count_macs import count_run
 from tgate.hook import TGateHook
 

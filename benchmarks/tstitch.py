@@ -6,7 +6,6 @@ import statistics
 import torch
 
 from diffusion.timing import time_sampling
-
 from tstitch.hook import TStitchHook
 from tstitch.schedule import steps_per_model
 

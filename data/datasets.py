@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from diffusion.errors import MissingFileError, UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -44,7 +46,7 @@ class DigitsDataset(Dataset):
 
     def __init__(self, upsample: int = 1):
         if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
-            raise ValueError(f"data.upsample={upsample!r}: must be a whole factor >= 1")
+            raise UserError(f"data.upsample={upsample!r}: must be a whole factor >= 1")
         images, labels = digits_arrays()
         x = torch.from_numpy(digits_to_unit_range(images)).float()[:, None]          # (N, 1, 8, 8)
         if upsample > 1:
@@ -76,14 +78,14 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str, image_size: int, channels: int = 3, flip: bool = True):
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
-            raise FileNotFoundError(f"data.root={root!r} is not a folder (expected root/<class>/<images>)")
+            raise MissingFileError(f"data.root={root!r} is not a folder (expected root/<class>/<images>)")
         if channels not in (1, 3):
-            raise ValueError(f"data.channels={channels}: 1 (grey) or 3 (RGB)")
+            raise UserError(f"data.channels={channels}: 1 (grey) or 3 (RGB)")
         self.classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
         self.files = [(f, k) for k, c in enumerate(self.classes) for f in sorted((root_path / c).rglob("*"))
                       if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
-            raise FileNotFoundError(f"no images under {root_path}/<class>/ (suffixes {sorted(IMAGE_SUFFIXES)})")
+            raise MissingFileError(f"no images under {root_path}/<class>/ (suffixes {sorted(IMAGE_SUFFIXES)})")
         self.num_classes, self.image_size, self.channels, self.flip = len(self.classes), image_size, channels, flip
 
     def __len__(self) -> int:

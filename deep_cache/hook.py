@@ -24,6 +24,7 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
 from diffusion import Hook, SamplingPlan, StepContext
+from diffusion.errors import UserError
 
 from .unet2d import attach_unet2d_cache, detach_unet2d_cache, find_diffusers_unets
 
@@ -41,9 +42,9 @@ def find_unet(model: nn.Module) -> nn.Module | None:
 
 def check_settings(cache_interval, cache_branch_id) -> None:
     if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
-        raise ValueError(f"deep_cache cache_interval={cache_interval!r}: must be an integer >= 1 (1 = no caching)")
+        raise UserError(f"deep_cache cache_interval={cache_interval!r}: must be an integer >= 1 (1 = no caching)")
     if isinstance(cache_branch_id, bool) or not isinstance(cache_branch_id, int) or cache_branch_id < 0:
-        raise ValueError(f"deep_cache cache_branch_id={cache_branch_id!r}: must be an integer >= 0")
+        raise UserError(f"deep_cache cache_branch_id={cache_branch_id!r}: must be an integer >= 0")
 
 
 class UNetFeatureCache(ModelHook):
@@ -56,7 +57,7 @@ class UNetFeatureCache(ModelHook):
         n = len(unet.output_blocks)
         b = owner.cache_branch_id
         if b >= n:
-            raise ValueError(f"deep_cache cache_branch_id={b}: this U-Net has {n} input blocks, so 0..{n - 1} allowed")
+            raise UserError(f"deep_cache cache_branch_id={b}: this U-Net has {n} input blocks, so 0..{n - 1} allowed")
         self.owner, self.branch = owner, b
         # the module whose output enters output block n-1-b (the middle block for the deepest branch)
         source = unet.middle_block if b == n - 1 else unet.output_blocks[n - 2 - b]
@@ -145,7 +146,7 @@ class DeepCacheHook(Hook):
             if unet is None:
                 unet = next(iter(find_diffusers_unets(model)), None)
             if unet is None:
-                raise ValueError(f"deep_cache needs a U-Net (the native one: {', '.join(UNET_PARTS)}; or diffusers' "
+                raise UserError(f"deep_cache needs a U-Net (the native one: {', '.join(UNET_PARTS)}; or diffusers' "
                                  f"UNet2DConditionModel: SD 1.x/2.x, SD-XL); {name} ({type(model).__name__}) has none")
             unets.append(unet)
         try:
@@ -195,7 +196,7 @@ def attach_feature_cache(unet: nn.Module, owner):
         return attach_unet2d_cache(unet, owner)
     existing = getattr(unet, "_diffusers_hook", None)
     if existing is not None and existing.get_hook(HOOK_NAME) is not None:
-        raise ValueError(f"deep_cache is already applied to this {type(unet).__name__}")
+        raise UserError(f"deep_cache is already applied to this {type(unet).__name__}")
     cache = UNetFeatureCache(owner, unet)  # checks the settings against this U-Net first
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(cache, HOOK_NAME)
     return cache

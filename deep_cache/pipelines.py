@@ -24,6 +24,7 @@ import functools
 
 import torch.nn as nn
 
+from diffusion.errors import UserError
 from diffusion.pipeline_steps import PipelineSteps
 
 from .hook import check_settings
@@ -62,17 +63,17 @@ class DeepCache:
             module = getattr(target, "unet", None)
             if not isinstance(module, nn.Module):
                 has = "a `transformer`" if isinstance(getattr(target, "transformer", None), nn.Module) else "no `unet`"
-                raise ValueError(f"deep_cache: {type(target).__name__} has {has}; DeepCache needs a U-Net pipeline "
+                raise UserError(f"deep_cache: {type(target).__name__} has {has}; DeepCache needs a U-Net pipeline "
                                  "(SD 1.x/2.x, SD-XL and the pipelines built on them)")
         elif isinstance(target, nn.Module):
             module = target
         else:
             raise TypeError(f"deep_cache: expected a diffusers pipeline or a U-Net module, got {type(target).__name__}")
         if deep_cache_of(target) is not None:
-            raise ValueError(f"deep_cache is already applied to this {type(target).__name__}; remove it first")
+            raise UserError(f"deep_cache is already applied to this {type(target).__name__}; remove it first")
         self.unets = find_diffusers_unets(module)
         if not self.unets:
-            raise ValueError(f"deep_cache: {type(module).__name__} has no U-Net with down_blocks, mid_block and "
+            raise UserError(f"deep_cache: {type(module).__name__} has no U-Net with down_blocks, mid_block and "
                              "up_blocks (DeepCache works on U-Nets such as SD's and SD-XL's, not on transformers)")
         self.caches = []
         try:

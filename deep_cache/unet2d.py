@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffusion.errors import UserError
+
 HOOK_NAME = "deep_cache"
 PART_HOOK_NAME = "deep_cache_part"
 PLAIN, RECORD, REPLAY = "plain", "record", "replay"
@@ -76,7 +78,7 @@ def skipped_parts(unet: nn.Module, branch_id: int) -> list[tuple[str, nn.Module]
     """(name, module) of the outermost parts a cached step does not run, by the package's rule."""
     allowed = allowed_branch_ids(unet)
     if branch_id not in allowed:
-        raise ValueError(f"deep_cache cache_branch_id={branch_id}: this {type(unet).__name__} has branches "
+        raise UserError(f"deep_cache cache_branch_id={branch_id}: this {type(unet).__name__} has branches "
                          f"{allowed} (id = 3 * block + layer, as the DeepCache package counts them)")
     block, layer = divmod(branch_id, 3)
     parts = []
@@ -230,7 +232,7 @@ def attach_unet2d_cache(unet: nn.Module, owner) -> UNet2DFeatureCache:
     """Hook `unet` (and its skipped parts) for DeepCache driven by `owner`."""
     registry = getattr(unet, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        raise ValueError(f"deep_cache is already applied to this {type(unet).__name__}")
+        raise UserError(f"deep_cache is already applied to this {type(unet).__name__}")
     cache = UNet2DFeatureCache(owner, unet)  # checks the settings before anything is hooked
     for name, part in cache.parts:
         replay = PartReplay(cache, name)

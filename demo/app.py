@@ -14,8 +14,15 @@ import gradio as gr
 from .backend import DemoBackend, DemoError
 from .pairs import DEFAULT_PAIR, PAIRS, SLOT_LABELS, get_pair
 from .report import gallery_items, generate_summary, sweep_figure, sweep_table
-from .settings import (PIPELINE_SAMPLERS, PRECISIONS, SAMPLERS, SettingsError, check_number, parse_fractions,
-                       parse_settings)
+from .settings import (
+    PIPELINE_SAMPLERS,
+    PRECISIONS,
+    SAMPLERS,
+    SettingsError,
+    check_number,
+    parse_fractions,
+    parse_settings,
+)
 
 log = logging.getLogger(__name__)
 

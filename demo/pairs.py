@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffusion.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 
@@ -145,4 +147,4 @@ def get_pair(key_or_label: str) -> ModelPair:
     for pair in PAIRS.values():
         if key_or_label in (pair.key, pair.label):
             return pair
-    raise ValueError(f"unknown model pair {key_or_label!r}; known: {', '.join(PAIRS)}")
+    raise UserError(f"unknown model pair {key_or_label!r}; known: {', '.join(PAIRS)}")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
+
+from diffusion.errors import UserError
 
 COMPILE_MODES = ("none", "regional", "full")
 # backends of torch.compile worth naming here: inductor (the speed), aot_eager (same graphs, no codegen:
@@ -28,9 +29,9 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 def check_compile(mode: str, backend: str = "inductor") -> None:
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile={mode!r}: allowed values are {', '.join(COMPILE_MODES)}")
+        raise UserError(f"compile={mode!r}: allowed values are {', '.join(COMPILE_MODES)}")
     if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"compile_backend={backend!r}: allowed values are {', '.join(COMPILE_BACKENDS)}")
+        raise UserError(f"compile_backend={backend!r}: allowed values are {', '.join(COMPILE_BACKENDS)}")
 
 
 def repeated_block_names(model: nn.Module) -> set[str]:
@@ -49,7 +50,7 @@ def compile_denoiser(model: nn.Module, mode: str, backend: str = "inductor") -> 
         return 1
     names = repeated_block_names(model)
     if not names:
-        raise ValueError(f"compile=regional: {type(model).__name__} lists no repeated blocks (_repeated_blocks); "
+        raise UserError(f"compile=regional: {type(model).__name__} lists no repeated blocks (_repeated_blocks); "
                          "use compile=full or compile=none")
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:

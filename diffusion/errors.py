@@ -23,15 +23,31 @@ class ReportedError(Exception):
         return "error: " + " ".join(str(self).split())
 
 
-class UserError(ReportedError):
-    """Bad input, or a state of the inputs the user must change (exit status 2)."""
+class UserError(ReportedError, ValueError):
+    """Bad input, or a state of the inputs the user must change (exit status 2). A ValueError too, so
+    that callers (and tests) that catch ValueError for a bad value keep working.
+
+    config_key: set by the run layer when it knows which config key a constructor argument came from
+    (`ratio` of the T-Stitch hook is `accel.tstitch.ratio`); the one line then names that key."""
 
     exit_code = 2
+    config_key: str | None = None
 
     @classmethod
     def setting(cls, key: str, value, problem: str) -> "UserError":
         """`key=value: problem`, the one form of every bad-setting message."""
         return cls(f"{key}={value}: {problem}")
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder named by a setting does not exist."""
+
+
+class CheckpointKeyError(UserError, KeyError):
+    """A checkpoint lacks entries the model needs (the message names them)."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message
+        return str(self.args[0]) if self.args else ""
 
 
 def exit_with(err: ReportedError) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.errors import UserError
+
 
 def apply_cfg(
     cond: torch.Tensor,
@@ -23,7 +25,7 @@ def apply_cfg(
     """
     guided = eps_channels if guided_channels is None else guided_channels
     if not 0 < guided <= eps_channels:
-        raise ValueError(f"guided_channels={guided_channels} must be in [1, {eps_channels}] or None")
+        raise UserError(f"guided_channels={guided_channels} must be in [1, {eps_channels}] or None")
     out = cond.clone()
     out[:, :guided] = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])
     return out

@@ -48,12 +48,14 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion.errors import UserError
+
 
 def scheduler_order(scheduler) -> int:
     """Entries per step of `scheduler` (its `order`: 1 for most, 2 for Heun / KDPM2)."""
     order = getattr(scheduler, "order", 1)
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"scheduler {type(scheduler).__name__} has order={order!r}; expected an integer >= 1")
+        raise UserError(f"scheduler {type(scheduler).__name__} has order={order!r}; expected an integer >= 1")
     return order
 
 

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
+from diffusion.errors import UserError
+
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,15 +26,15 @@ _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`precision` as the run will use it on `device` (auto resolved); refuses what the device cannot run."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
+        raise UserError(f"precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
     device = torch.device(device)
     if precision == "auto":
         return "tf32" if device.type == "cuda" else "fp32"
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+        raise UserError(f"precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                          "use fp16, tf32 or fp32")
     if device.type == "cuda" and precision == "tf32" and torch.cuda.get_device_capability(device)[0] < 8:
-        raise ValueError(f"precision=tf32: {torch.cuda.get_device_name(device)} has no TF32 units (they came with "
+        raise UserError(f"precision=tf32: {torch.cuda.get_device_name(device)} has no TF32 units (they came with "
                          "Ampere, compute capability 8.0); use fp32 or fp16")
     return precision
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffusion.errors import UserError
+
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> list[int]:
     """Training-time steps kept when sampling with fewer steps (sorted ascending).
@@ -25,7 +27,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot take exactly {wanted} steps with an integer stride from {num_timesteps}")
+        raise UserError(f"cannot take exactly {wanted} steps with an integer stride from {num_timesteps}")
     if isinstance(section_counts, str):
         counts = [int(c) for c in section_counts.split(",")]
     elif isinstance(section_counts, int):
@@ -39,7 +41,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     for i, count in enumerate(counts):
         size = per_section + (1 if i < extra else 0)
         if count < 1 or count > size:
-            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
+            raise UserError(f"cannot take {count} steps from a section of {size} timesteps")
         stride = 1.0 if count == 1 else (size - 1) / (count - 1)
         position = 0.0  # accumulated as a float, exactly as ADM does, before rounding
         for _ in range(count):

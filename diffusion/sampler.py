@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from diffusion.errors import UserError
+
 from .context import Hook, SamplingPlan, StepContext
 from .guidance import apply_cfg
 from .solvers import Solver
@@ -28,7 +30,7 @@ class SampleResult:
 
 def check_cfg_scale(cfg_scale) -> float:
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale={cfg_scale!r}: must be a finite number >= 0 (1 = no guidance)")
+        raise UserError(f"cfg_scale={cfg_scale!r}: must be a finite number >= 0 (1 = no guidance)")
     return float(cfg_scale)
 
 
@@ -79,7 +81,7 @@ def sample(
     cfg_scale = check_cfg_scale(cfg_scale)
     use_cfg = cfg_scale != 1.0
     if use_cfg and uncond is None:
-        raise ValueError("cfg_scale != 1 needs the unconditional inputs (uncond)")
+        raise UserError("cfg_scale != 1 needs the unconditional inputs (uncond)")
     B, C = noise.shape[:2]
     device = noise.device
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusion.errors import UserError
+
 
 def sample_generators(seed: int, indices, device: torch.device | str) -> list[torch.Generator]:
     """One generator per sample index k, seeded seed + k, on `device`."""
@@ -33,5 +35,5 @@ def class_labels(seed: int, num_samples: int, num_classes: int, labels=None) -> 
     labels = [int(v) for v in labels]
     bad = [v for v in labels if not 0 <= v < num_classes]
     if not labels or bad:
-        raise ValueError(f"labels={labels}: each must be a class index in [0, {num_classes - 1}]")
+        raise UserError(f"labels={labels}: each must be a class index in [0, {num_classes - 1}]")
     return torch.tensor([labels[k % len(labels)] for k in range(num_samples)], dtype=torch.long)

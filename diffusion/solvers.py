@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from diffusion.errors import UserError
+
 from .respace import respaced_betas, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
@@ -42,7 +44,7 @@ class NoiseSchedule:
             return np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
         if self.beta_schedule == "scaled_linear":
             return np.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=np.float64) ** 2
-        raise ValueError(f"beta_schedule={self.beta_schedule!r} is not one of 'linear', 'scaled_linear'")
+        raise UserError(f"beta_schedule={self.beta_schedule!r} is not one of 'linear', 'scaled_linear'")
 
 
 @dataclass
@@ -77,17 +79,17 @@ def check_solver_args(name: str, steps, eta: float = 0.0, spacing: str | None = 
                       num_train_timesteps: int = 1000) -> None:
     """Raise ValueError on a bad sampler setting, before any model is built."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sampler.steps={steps!r}: must be an integer >= 1")
+        raise UserError(f"sampler.steps={steps!r}: must be an integer >= 1")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"sampler.eta={eta!r}: must be a finite number >= 0")
+        raise UserError(f"sampler.eta={eta!r}: must be a finite number >= 0")
     allowed = {"ddpm": RESPACED_SPACINGS, "ddim": RESPACED_SPACINGS + (LDM_SPACING,)}.get(name, DIFFUSERS_SPACINGS)
     if spacing is not None and spacing not in allowed:
-        raise ValueError(f"sampler.spacing={spacing!r} for {name}: allowed {', '.join(allowed)}")
+        raise UserError(f"sampler.spacing={spacing!r} for {name}: allowed {', '.join(allowed)}")
     if spacing == LDM_SPACING and num_train_timesteps % steps:
         # CompVis takes range(0, T, T // N), which is not N steps then; refuse rather than differ
-        raise ValueError(f"sampler.spacing=ldm needs sampler.steps dividing {num_train_timesteps} (CompVis's "
+        raise UserError(f"sampler.spacing=ldm needs sampler.steps dividing {num_train_timesteps} (CompVis's "
                          f"uniform DDIM discretisation); got steps={steps}")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from diffusion.errors import UserError
+
 
 def _listing(items: list[str], limit: int = 10) -> str:
     shown = ", ".join(items[:limit])
@@ -32,5 +34,5 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
             lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
         if mismatched:
             lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        raise ValueError("\n".join(lines))
+        raise UserError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)

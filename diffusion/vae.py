@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from diffusion.errors import UserError
+
 
 class VAENotFoundError(FileNotFoundError):
     pass
@@ -30,7 +32,7 @@ def load_vae(source: str, *, pretrained: bool = True, arch: dict | None = None) 
     """
     if not pretrained:
         if not arch:
-            raise ValueError("pretrained=false needs vae.arch (an AutoencoderKL config) to build a random VAE")
+            raise UserError("pretrained=false needs vae.arch (an AutoencoderKL config) to build a random VAE")
         return AutoencoderKL(**dict(arch)).eval()
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
@@ -79,7 +81,7 @@ class FirstStage:
 
     def __init__(self, vae: AutoencoderKL | None = None, channels: int | None = None):
         if (vae is None) == (channels is None):
-            raise ValueError("give a VAE or, for pixel space, the image channels")
+            raise UserError("give a VAE or, for pixel space, the image channels")
         self.vae = vae
         self.latent_channels = vae.config.latent_channels if vae is not None else int(channels)
         self.factor = downsample_factor(vae) if vae is not None else 1

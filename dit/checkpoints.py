@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from diffusion.checkpoint_files import check_finite, read_torch_file
+from diffusion.errors import UserError
 from diffusion.state_dicts import load_state_dict_checked
 from dit.convert import (
     diffusers_to_official,
@@ -121,7 +121,7 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     elif isinstance(obj, dict) and "model" in obj:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), got {type(obj).__name__}")
     check_finite(obj, path)
     return obj
 
@@ -155,11 +155,11 @@ def build_dit(
         return _build_custom(name, dict(arch), input_size, num_classes, learn_sigma, ckpt,
                              class_dropout_prob, in_channels, cache_dir, device, pretrained)
     if name is not None and name not in DiT_models:
-        raise ValueError(f"unknown DiT model {name!r}; allowed names: {', '.join(DiT_models)}")
+        raise UserError(f"unknown DiT model {name!r}; allowed names: {', '.join(DiT_models)}")
     if ckpt is None and pretrained:
         ckpt = official_checkpoint_for(name, input_size) if name is not None else None
         if ckpt is None:
-            raise ValueError(
+            raise UserError(
                 f"no official checkpoint for {name} at latent size {input_size} "
                 f"(released: {', '.join(OFFICIAL_CHECKPOINTS)}, i.e. DiT-XL/2 at latent 32 or 64); "
                 "pass ckpt= or pretrained=False"
@@ -169,14 +169,14 @@ def build_dit(
     diffusers_config = read_diffusers_config(path) if path is not None and is_diffusers_folder(path) else None
     if name is None:
         if diffusers_config is None:
-            raise ValueError(f"name=None needs a diffusers folder checkpoint; allowed names: {', '.join(DiT_models)}")
+            raise UserError(f"name=None needs a diffusers folder checkpoint; allowed names: {', '.join(DiT_models)}")
         model = DiT(**official_kwargs_from_diffusers_config(diffusers_config))
     else:
         if diffusers_config is not None:
             # Head count is invisible in weight shapes, so check it explicitly.
             heads = diffusers_config.get("num_attention_heads")
             if heads != dit_config(name)["num_heads"]:
-                raise ValueError(f"{path} has {heads} attention heads but {name} has {dit_config(name)['num_heads']}")
+                raise UserError(f"{path} has {heads} attention heads but {name} has {dit_config(name)['num_heads']}")
         model = DiT_models[name](
             input_size=input_size,
             num_classes=num_classes,
@@ -200,10 +200,10 @@ def _build_custom(name, arch, input_size, num_classes, learn_sigma, ckpt, class_
     missing = [k for k in ARCH_KEYS if k not in arch]
     unknown = sorted(set(arch) - set(ARCH_KEYS) - {"mlp_ratio"})
     if missing or unknown:
-        raise ValueError(f"model {name!r}: arch needs {', '.join(ARCH_KEYS)} (and optionally mlp_ratio); "
+        raise UserError(f"model {name!r}: arch needs {', '.join(ARCH_KEYS)} (and optionally mlp_ratio); "
                          f"missing {missing}, unknown {unknown}")
     if ckpt is None and pretrained:
-        raise ValueError(f"model {name!r} has a custom architecture and no official checkpoint: "
+        raise UserError(f"model {name!r} has a custom architecture and no official checkpoint: "
                          "pass ckpt= (e.g. a scripts/train.py checkpoint) or pretrained=False")
     model = DiT(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma,
                 class_dropout_prob=class_dropout_prob, in_channels=in_channels, **arch)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion.errors import MissingFileError, UserError
 from dit.models import _SIZES, sincos_2d
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -59,14 +60,14 @@ _TOP_KEYS = {
 def _depth(state_dict: dict, prefix: str) -> int:
     ids = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
     if ids != set(range(len(ids))):
-        raise ValueError(f"non-contiguous block indices under {prefix!r}: {sorted(ids)}")
+        raise UserError(f"non-contiguous block indices under {prefix!r}: {sorted(ids)}")
     return len(ids)
 
 
 def _heads_for_hidden(hidden: int) -> int:
     matches = {heads for _, h, heads in _SIZES.values() if h == hidden}
     if len(matches) != 1:
-        raise ValueError(f"cannot infer num_heads for hidden size {hidden}; pass num_heads=")
+        raise UserError(f"cannot infer num_heads for hidden size {hidden}; pass num_heads=")
     return matches.pop()
 
 
@@ -95,11 +96,11 @@ def official_to_diffusers(
     # diffusers' LabelEmbedding always has a null row (class_dropout_prob=0.1 hard-coded).
     standard = sincos_2d(hidden, grid).float()[None]  # (1, T, D)
     if sd["pos_embed"].shape != standard.shape or not torch.allclose(sd["pos_embed"].float(), standard, atol=1e-5):
-        raise ValueError("pos_embed is not the standard sin-cos table; diffusers recomputes it, so it would be lost")
+        raise UserError("pos_embed is not the standard sin-cos table; diffusers recomputes it, so it would be lost")
     if num_classes is None:
         num_classes = table_rows - 1
     if table_rows != num_classes + 1 or num_classes < 1:
-        raise ValueError(
+        raise UserError(
             f"label table has {table_rows} rows; diffusers needs num_classes + 1 = {num_classes + 1} "
             "(a null-class row, i.e. a model trained with class_dropout_prob > 0)"
         )
@@ -157,11 +158,11 @@ def official_kwargs_from_diffusers_config(config: dict) -> dict:
     }
     for key, want in unsupported.items():
         if config.get(key, want) != want:
-            raise ValueError(f"diffusers DiT config has {key}={config[key]!r}; only {want!r} maps to the official DiT")
+            raise UserError(f"diffusers DiT config has {key}={config[key]!r}; only {want!r} maps to the official DiT")
     in_channels = config.get("in_channels", 4)
     out_channels = config.get("out_channels") or in_channels
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"out_channels={out_channels} must be in_channels ({in_channels}) or twice it")
+        raise UserError(f"out_channels={out_channels} must be in_channels ({in_channels}) or twice it")
     heads = config.get("num_attention_heads", 16)
     return {
         "input_size": config.get("sample_size", 32),
@@ -186,7 +187,7 @@ def diffusers_to_official(state_dict: dict[str, torch.Tensor], config: dict) -> 
     kwargs = official_kwargs_from_diffusers_config(config)
     depth = _depth(sd, "transformer_blocks.")
     if depth != kwargs["depth"]:
-        raise ValueError(f"config says num_layers={kwargs['depth']} but the weights have {depth} blocks")
+        raise UserError(f"config says num_layers={kwargs['depth']} but the weights have {depth} blocks")
 
     out: dict[str, torch.Tensor] = {}
     for dst, src in _TOP_KEYS.items():
@@ -212,7 +213,7 @@ def diffusers_to_official(state_dict: dict[str, torch.Tensor], config: dict) -> 
                 if not torch.equal(sd[f"transformer_blocks.{i}.norm1.emb.{src}.{kind}"], sd[key0])
             ]
             if differing:
-                raise ValueError(
+                raise UserError(
                     f"diffusers per-block embedder copies of {src}.{kind} differ from block 0 in blocks "
                     f"{differing}; the official DiT has one shared embedder, so this model cannot be converted"
                 )
@@ -230,7 +231,7 @@ def _diffusers_dir(folder: str | Path) -> Path:
         return folder
     if (folder / "transformer" / "config.json").is_file():  # a DiTPipeline folder
         return folder / "transformer"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{folder} is not a diffusers DiT folder: expected config.json + {DIFFUSERS_WEIGHTS} "
         f"(or a pipeline folder with a transformer/ subfolder)"
     )

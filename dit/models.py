@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, Mlp, PatchEmbed
 
 from diffusion.attention import mark_attention
+from diffusion.errors import UserError
 from diffusion.guidance import apply_cfg
 
 
@@ -310,7 +311,7 @@ _SIZES = {
 def dit_config(name: str) -> dict:
     """Architecture of an official name, e.g. "DiT-XL/2" -> depth, hidden_size, patch_size, num_heads."""
     if name not in DiT_models:
-        raise ValueError(f"unknown DiT model {name!r}; allowed: {', '.join(DiT_models)}")
+        raise UserError(f"unknown DiT model {name!r}; allowed: {', '.join(DiT_models)}")
     size, patch = name.removeprefix("DiT-").split("/")
     depth, hidden, heads = _SIZES[size]
     patch_size = int(patch)

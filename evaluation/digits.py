@@ -26,6 +26,7 @@ from functools import lru_cache
 import numpy as np
 
 from data.datasets import digits_arrays, digits_to_unit_range
+from diffusion.errors import UserError
 from evaluation.frechet import frechet_distance, gaussian_stats
 
 NUM_CLASSES = 10
@@ -44,7 +45,7 @@ def digits_features(images: np.ndarray) -> np.ndarray:
     if images.ndim == 4:
         images = images[..., 0]  # grey written as RGB: the channels are equal
     if images.ndim != 3 or images.shape[1] != images.shape[2] or images.shape[1] % 8:
-        raise ValueError(f"expected (N, 8k, 8k[, C]) digit images, got shape {images.shape}")
+        raise UserError(f"expected (N, 8k, 8k[, C]) digit images, got shape {images.shape}")
     k = images.shape[1] // 8
     x = images.astype(np.float64).reshape(len(images), 8, k, 8, k).mean(axis=(2, 4))  # (N, 8, 8)
     return x.reshape(len(images), 64) * (16.0 / 255.0)
@@ -87,7 +88,7 @@ class DigitsQuality:
     def _correct(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels).astype(np.int64)
         if len(features) != len(labels):
-            raise ValueError(f"{len(features)} images but {len(labels)} labels")
+            raise UserError(f"{len(features)} images but {len(labels)} labels")
         return self.classifier.predict(features) == labels
 
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:

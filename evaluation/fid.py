@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffusion.errors import MissingFileError, UserError
 from evaluation.frechet import frechet_distance_to_features, gaussian_stats
 from evaluation.inception import InceptionFeatures
 
@@ -49,15 +50,15 @@ def load_reference(path: str | Path) -> Reference:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f"reference folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UserError(f"reference folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return Reference([np.asarray(Image.open(p).convert("RGB")) for p in files], source=str(path))
     if path.suffix != ".npz" or not path.is_file():
-        raise FileNotFoundError(f"reference {path}: expected an existing .npz (arr_0 uint8 NHWC and/or mu, sigma) "
+        raise MissingFileError(f"reference {path}: expected an existing .npz (arr_0 uint8 NHWC and/or mu, sigma) "
                                 "or a folder of images")
     with np.load(path) as npz:
         keys = set(npz.files)
         if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
-            raise ValueError(f"reference {path} has keys {sorted(keys)}: need arr_0 (uint8 NHWC images) "
+            raise UserError(f"reference {path} has keys {sorted(keys)}: need arr_0 (uint8 NHWC images) "
                              "and/or mu and sigma (FID statistics)")
         images = npz["arr_0"] if "arr_0" in keys else None
         mu, sigma = (npz["mu"], npz["sigma"]) if {"mu", "sigma"} <= keys else (None, None)
@@ -106,7 +107,7 @@ def check_images(images, what: str) -> None:
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3):
         shape = getattr(images, "shape", None)
         dtype = getattr(images, "dtype", None)
-        raise ValueError(f"{what}: expected uint8 images (N, H, W, 3), got {dtype} {shape}")
+        raise UserError(f"{what}: expected uint8 images (N, H, W, 3), got {dtype} {shape}")
 
 
 def inception_outputs(net: InceptionFeatures, images, batch_size: int = 50, device="cpu",
@@ -163,7 +164,7 @@ def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1024) -> dict:
     """Kynkäänniemi et al.'s k-NN manifold precision and recall of fake against real features."""
     if k < 1 or k >= min(len(real), len(fake)):
-        raise ValueError(f"nearest_k={k}: must be >= 1 and below both set sizes ({len(real)}, {len(fake)})")
+        raise UserError(f"nearest_k={k}: must be >= 1 and below both set sizes ({len(real)}, {len(fake)})")
     r, f = torch.from_numpy(np.asarray(real, np.float64)), torch.from_numpy(np.asarray(fake, np.float64))
     real_radii, fake_radii = _kth_neighbour_radii(r, k, chunk), _kth_neighbour_radii(f, k, chunk)
     return {"precision": float(_inside_any_ball(f, r, real_radii, chunk).double().mean()),
@@ -175,7 +176,7 @@ def evaluate_images(samples: np.ndarray, reference: Reference, net: InceptionFea
     """FID, Inception Score and (when the reference has images) precision/recall of samples."""
     check_images(samples, "samples")
     if reference_stats not in ("auto", "images"):
-        raise ValueError(f"reference_stats={reference_stats!r}: allowed are 'auto' (the file's mu/sigma when "
+        raise UserError(f"reference_stats={reference_stats!r}: allowed are 'auto' (the file's mu/sigma when "
                          "present) and 'images' (computed from its images)")
     feats, probs = inception_outputs(net, samples, batch_size, device, progress)
     result = {"num_samples": int(len(samples)), "fid_dims": int(feats.shape[1])}
@@ -187,7 +188,7 @@ def evaluate_images(samples: np.ndarray, reference: Reference, net: InceptionFea
     use_file_stats = reference.mu is not None and (reference_stats == "auto" or reference.images is None)
     if use_file_stats:
         if reference.mu.shape != (feats.shape[1],):
-            raise ValueError(f"reference mu has shape {reference.mu.shape}, the features have {feats.shape[1]} dims "
+            raise UserError(f"reference mu has shape {reference.mu.shape}, the features have {feats.shape[1]} dims "
                              f"(set evaluate.dims to {reference.mu.shape[0]})")
         mu, sigma, result["fid_reference_stats"] = reference.mu, reference.sigma, "file mu/sigma"
     else:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffusion.errors import UserError
+
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """features (N, D) -> mean (D,), covariance (D, D) (unbiased, N - 1), in float64."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"need (N >= 2, D) features, got shape {f.shape}")
+        raise UserError(f"need (N >= 2, D) features, got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 

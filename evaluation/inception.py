@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.errors import MissingFileError, UserError
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # pytorch-fid's feature sizes and the block each is the (pooled) output of
 DIMS_TO_BLOCK = {64: 0, 192: 1, 768: 2, 2048: 3}
@@ -38,7 +40,7 @@ def _state_dict(weights: str | Path | None):
 
     path = Path(weights) if weights is not None else default_weights_path()
     if weights is not None and not path.is_file():
-        raise FileNotFoundError(f"Inception weights {path} not found: give the path of {WEIGHTS_FILE} "
+        raise MissingFileError(f"Inception weights {path} not found: give the path of {WEIGHTS_FILE} "
                                 f"(from {pfi.FID_WEIGHTS_URL})")
     if path.is_file():
         from diffusion.checkpoint_files import check_finite, read_torch_file
@@ -49,7 +51,7 @@ def _state_dict(weights: str | Path | None):
     try:
         return torch.hub.load_state_dict_from_url(pfi.FID_WEIGHTS_URL, progress=True, map_location="cpu")
     except Exception as err:  # offline: URLError, or any failure of the download
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the FID Inception weights are not in {path} and could not be downloaded ({type(err).__name__}: {err}). "
             f"Download {pfi.FID_WEIGHTS_URL} on a machine with internet and put it at {path} "
             f"(or anywhere, and pass evaluate.inception_weights=PATH / --inception-weights PATH)") from err
@@ -119,7 +121,7 @@ class InceptionFeatures(nn.Module):
         import pytorch_fid.inception as pfi
 
         if dims not in DIMS_TO_BLOCK:
-            raise ValueError(f"dims={dims}: allowed are {sorted(DIMS_TO_BLOCK)} (pytorch-fid's feature sizes)")
+            raise UserError(f"dims={dims}: allowed are {sorted(DIMS_TO_BLOCK)} (pytorch-fid's feature sizes)")
         self.dims = dims
         full = _fid_inception(weights)
         # pytorch-fid's own wrapper (resize to 299, scale to [-1, 1], its block split) around that network

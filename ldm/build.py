@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import os
 
+from diffusion.errors import UserError
 from diffusion.vae import FirstStage
 
 from .compvis import (
-    FIRST_STAGE_PREFIX, build_class_conditional_ldm, load_compvis_state_dict, read_compvis_config, split_prefix,
+    FIRST_STAGE_PREFIX,
+    build_class_conditional_ldm,
+    load_compvis_state_dict,
+    read_compvis_config,
+    split_prefix,
 )
 from .conditioning import ClassConditionalLDM
 from .first_stage import (
-    first_stage_from_diffusers_model, first_stage_kwargs, ldm_scale_factor, load_first_stage_from_compvis,
+    first_stage_from_diffusers_model,
+    first_stage_kwargs,
+    ldm_scale_factor,
+    load_first_stage_from_compvis,
 )
 
 # where the public CompVis checkpoints live (downloads are left to the user: they are large)
@@ -31,7 +39,7 @@ def compvis_parts(compvis_config, unet, cond_stage) -> tuple[dict, dict, dict | 
         params = read_compvis_config(compvis_config)
         return params["unet_config"]["params"], params.get("cond_stage_config"), params
     if unet is None or cond_stage is None:
-        raise ValueError("an LDM model config needs `unet` and `cond_stage` (CompVis unet_config.params and "
+        raise UserError("an LDM model config needs `unet` and `cond_stage` (CompVis unet_config.params and "
                          "cond_stage_config) or `compvis_config` (a CompVis yaml path)")
     return unet, cond_stage, None
 
@@ -59,14 +67,14 @@ def build_ldm(
     unet_params, cond_stage_config, _ = compvis_parts(compvis_config, unet, cond_stage)
     if pretrained and ckpt is None:
         where = KNOWN_CHECKPOINTS.get(name)
-        raise ValueError(f"model {name!r} needs model.ckpt (a CompVis .ckpt with model.diffusion_model., "
+        raise UserError(f"model {name!r} needs model.ckpt (a CompVis .ckpt with model.diffusion_model., "
                          f"first_stage_model. and cond_stage_model. weights)"
                          + (f"; the public one: {where}" if where else "") + ", or pretrained=false")
     state = load_compvis_state_dict(ckpt) if pretrained else None
     model = build_class_conditional_ldm(state, unet_params, cond_stage_config, use_ema=use_ema, name=name,
                                         source=str(ckpt))
     if model.num_classes != num_classes:
-        raise ValueError(f"model.num_classes={num_classes}, but the class embedder has {model.num_classes} classes "
+        raise UserError(f"model.num_classes={num_classes}, but the class embedder has {model.num_classes} classes "
                          f"and a null class ({model.num_classes + 1} rows)")
     return model
 
@@ -88,12 +96,12 @@ def load_first_stage(
     if params is not None:
         config = params["first_stage_config"]
     if config is None:
-        raise ValueError("the LDM first stage needs `config` (CompVis first_stage_config) or `compvis_config`")
+        raise UserError("the LDM first stage needs `config` (CompVis first_stage_config) or `compvis_config`")
     if not pretrained:
         cls, kwargs = first_stage_kwargs(config, scale_factor=scale_factor)
         return first_stage_from_diffusers_model(cls(**kwargs).eval().to(device), scale_factor)
     if ckpt is None:
-        raise ValueError("vae: the LDM first stage is read from model.ckpt (first_stage_model.* of the CompVis "
+        raise UserError("vae: the LDM first stage is read from model.ckpt (first_stage_model.* of the CompVis "
                          "checkpoint); set model.ckpt, or pretrained=false for random weights")
     state = load_compvis_state_dict(ckpt)
     if params is not None:

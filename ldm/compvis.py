@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.checkpoint_files import check_finite, read_safetensors, read_torch_file
+from diffusion.errors import MissingFileError, UserError
 from diffusion.state_dicts import load_state_dict_checked
 
 from .conditioning import ClassConditionalLDM, ClassEmbedder
@@ -41,11 +42,11 @@ def read_compvis_config(path: str | os.PathLike) -> dict:
     """A CompVis yaml -> its `model.params` dict (a file holding only `params` also works)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"CompVis config {str(path)!r} does not exist")
+        raise MissingFileError(f"CompVis config {str(path)!r} does not exist")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     params = cfg.get("model", {}).get("params", cfg) if isinstance(cfg, dict) else None
     if not isinstance(params, dict) or "unet_config" not in params:
-        raise ValueError(f"{path}: not a CompVis LDM config (no model.params.unet_config)")
+        raise UserError(f"{path}: not a CompVis LDM config (no model.params.unet_config)")
     return params
 
 
@@ -54,13 +55,13 @@ def check_kwargs(cls, kwargs: dict, where: str) -> dict:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"{where} has arguments {cls.__name__} does not take: {unknown} "
+        raise UserError(f"{where} has arguments {cls.__name__} does not take: {unknown} "
                          f"(accepted: {sorted(accepted)})")
     required = {n for n, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is inspect.Parameter.empty and n != "self"}
     missing = sorted(required - set(kwargs))
     if missing:
-        raise ValueError(f"{where} lacks required arguments of {cls.__name__}: {missing}")
+        raise UserError(f"{where} lacks required arguments of {cls.__name__}: {missing}")
     return kwargs
 
 
@@ -74,7 +75,7 @@ def class_embedder_from_config(cond_stage_config) -> ClassEmbedder:
     cfg = dict(to_plain(cond_stage_config))
     kind = str(cfg.get("target", "ClassEmbedder")).rsplit(".", 1)[-1]
     if kind not in CLASS_EMBEDDERS:
-        raise ValueError(f"cond_stage_config target {cfg.get('target')!r}: only class-conditional LDMs "
+        raise UserError(f"cond_stage_config target {cfg.get('target')!r}: only class-conditional LDMs "
                          f"({', '.join(CLASS_EMBEDDERS)}) are supported")
     params = dict(cfg.get("params", {}))
     extra_rows = CLASS_EMBEDDERS[kind] if params.pop("dropout_prob", 0.1) > 0 else 0
@@ -91,14 +92,14 @@ def load_compvis_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"LDM checkpoint {str(path)!r} does not exist")
+        raise MissingFileError(f"LDM checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         state = read_safetensors(path)
     else:
         ckpt = read_torch_file(path, mmap=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a dict with a 'state_dict', got {type(ckpt).__name__}")
+            raise UserError(f"{path}: expected a dict with a 'state_dict', got {type(ckpt).__name__}")
     check_finite(state, path)
     return state
 
@@ -108,7 +109,7 @@ def split_prefix(state_dict: dict, prefix: str, source: str = "checkpoint") -> d
     part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not part:
         present = sorted({k.split(".", 1)[0] + "." for k in state_dict})
-        raise ValueError(f"{source} has no {prefix!r} keys (prefixes present: {present}); a CompVis LDM "
+        raise UserError(f"{source} has no {prefix!r} keys (prefixes present: {present}); a CompVis LDM "
                          f"checkpoint has {UNET_PREFIX!r}, {FIRST_STAGE_PREFIX!r} and {COND_STAGE_PREFIX!r}")
     return part
 
@@ -132,7 +133,7 @@ def build_class_conditional_ldm(state_dict: dict | None, unet_params, cond_stage
         unet_state = split_prefix(state_dict, UNET_PREFIX, source)
         ema = ema_unet_state(state_dict, model.unet.state_dict().keys()) if use_ema is not False else None
         if use_ema and ema is None:
-            raise ValueError(f"use_ema=true but {source} has no complete {EMA_PREFIX!r} copy of the U-Net")
+            raise UserError(f"use_ema=true but {source} has no complete {EMA_PREFIX!r} copy of the U-Net")
         if ema is not None:
             unet_state = ema
         load_state_dict_checked(model.unet, unet_state, f"{source} [{UNET_PREFIX}*]")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from diffusion.errors import UserError
+
 from .unet import UNetModel
 
 
@@ -32,7 +34,7 @@ class ClassEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """(B,) int labels -> (B, 1, embed_dim) cross-attention context."""
         if labels.ndim != 1:
-            raise ValueError(f"class labels must be a 1-D tensor (B,); got shape {tuple(labels.shape)}")
+            raise UserError(f"class labels must be a 1-D tensor (B,); got shape {tuple(labels.shape)}")
         return self.embedding(labels[:, None])
 
 
@@ -46,7 +48,7 @@ class ClassConditionalLDM(nn.Module):
     def __init__(self, unet: UNetModel, embedder: ClassEmbedder, name: str = "LDM"):
         super().__init__()
         if embedder.embedding.embedding_dim != unet.context_dim:
-            raise ValueError(f"class embedder width {embedder.embedding.embedding_dim} != the U-Net's context_dim "
+            raise UserError(f"class embedder width {embedder.embedding.embedding_dim} != the U-Net's context_dim "
                              f"{unet.context_dim}")
         self.unet, self.cond_stage_model = unet, embedder
         self.name = name
@@ -69,5 +71,5 @@ class ClassConditionalLDM(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,) training-scale timesteps, y (B,) labels (num_classes = null) -> eps (B, C, H, W)."""
         if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{y.shape[0]} labels for a batch of {x.shape[0]}")
+            raise UserError(f"{y.shape[0]} labels for a batch of {x.shape[0]}")
         return self.unet(x, t, context=self.cond_stage_model(y))

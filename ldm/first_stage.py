@@ -25,9 +25,10 @@ from typing import Any, Mapping
 import torch
 from diffusers import AutoencoderKL, VQModel
 
+from diffusion.errors import CheckpointKeyError, UserError
 from diffusion.vae import FirstStage
-from ldm.first_stage_convert import compvis_to_diffusers_first_stage, diffusers_key_to_compvis, select_first_stage
 from ldm.compvis import to_plain
+from ldm.first_stage_convert import compvis_to_diffusers_first_stage, diffusers_key_to_compvis, select_first_stage
 
 VQ_TARGETS = ("ldm.models.autoencoder.VQModelInterface", "ldm.models.autoencoder.VQModel")
 KL_TARGETS = ("ldm.models.autoencoder.AutoencoderKL",)
@@ -46,7 +47,7 @@ def first_stage_kind(first_stage_config: Mapping) -> str:
     """'vq' or 'kl' from a CompVis `first_stage_config` (its `target`)."""
     config = to_plain(first_stage_config)
     if not isinstance(config, Mapping) or "target" not in config:
-        raise ValueError("first_stage_config must be a mapping with 'target' and 'params' "
+        raise UserError("first_stage_config must be a mapping with 'target' and 'params' "
                          f"(model.params.first_stage_config of a CompVis LDM yaml), got {config!r}")
     target = config["target"]
     if target in VQ_TARGETS:
@@ -54,7 +55,7 @@ def first_stage_kind(first_stage_config: Mapping) -> str:
     if target in KL_TARGETS:
         return "kl"
     hint = " (pixel space: use diffusion.vae.FirstStage(channels=...))" if target == IDENTITY_TARGET else ""
-    raise ValueError(f"unsupported first_stage_config target {target!r}{hint}: allowed are "
+    raise UserError(f"unsupported first_stage_config target {target!r}{hint}: allowed are "
                      f"{', '.join(VQ_TARGETS + KL_TARGETS)}")
 
 
@@ -83,33 +84,33 @@ def _attention_levels(ddconfig: Mapping) -> tuple[list[bool], list[bool]]:
 def _check_ddconfig(ddconfig: Mapping, kind: str) -> None:
     missing = [name for name in _DDCONFIG_REQUIRED if name not in ddconfig]
     if missing:
-        raise ValueError(f"first_stage_config.params.ddconfig lacks {', '.join(missing)}")
+        raise UserError(f"first_stage_config.params.ddconfig lacks {', '.join(missing)}")
     ch, ch_mult = ddconfig["ch"], list(ddconfig["ch_mult"])
     if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
-        raise ValueError(f"ddconfig.ch_mult={ch_mult!r}: expected a non-empty list of positive integers")
+        raise UserError(f"ddconfig.ch_mult={ch_mult!r}: expected a non-empty list of positive integers")
     bad_width = [ch * m for m in ch_mult if (ch * m) % NORM_GROUPS]
     if bad_width:
-        raise ValueError(f"ddconfig.ch={ch} with ch_mult={ch_mult} gives widths {bad_width} that GroupNorm("
+        raise UserError(f"ddconfig.ch={ch} with ch_mult={ch_mult} gives widths {bad_width} that GroupNorm("
                          f"{NORM_GROUPS}) cannot split: every ch * ch_mult[i] must be a multiple of {NORM_GROUPS}")
     if not isinstance(ddconfig["num_res_blocks"], int) or ddconfig["num_res_blocks"] < 1:
-        raise ValueError(f"ddconfig.num_res_blocks={ddconfig['num_res_blocks']!r}: expected an integer >= 1")
+        raise UserError(f"ddconfig.num_res_blocks={ddconfig['num_res_blocks']!r}: expected an integer >= 1")
     double_z = ddconfig.get("double_z", True)  # the CompVis Encoder default
     if kind == "vq" and double_z:
-        raise ValueError(f"ddconfig.double_z={double_z!r} for a VQ first stage: VQModel needs double_z: false "
+        raise UserError(f"ddconfig.double_z={double_z!r} for a VQ first stage: VQModel needs double_z: false "
                          "(its quant_conv takes z_channels inputs)")
     if kind == "kl" and not double_z:
-        raise ValueError(f"ddconfig.double_z={double_z!r} for AutoencoderKL: it needs double_z: true "
+        raise UserError(f"ddconfig.double_z={double_z!r} for AutoencoderKL: it needs double_z: true "
                          "(mean and log-variance)")
     attn_type = "linear" if ddconfig.get("use_linear_attn", False) else ddconfig.get("attn_type", "vanilla")
     if attn_type not in _ATTN_TYPES:
-        raise ValueError(f"ddconfig attn_type={attn_type!r} (or use_linear_attn: true) is not supported: diffusers' "
+        raise UserError(f"ddconfig attn_type={attn_type!r} (or use_linear_attn: true) is not supported: diffusers' "
                          f"VAE attention is the vanilla AttnBlock; allowed are {', '.join(_ATTN_TYPES)}")
     if not ddconfig.get("resamp_with_conv", True):
-        raise ValueError("ddconfig.resamp_with_conv=False (average-pool down / conv-less upsampling) is not "
+        raise UserError("ddconfig.resamp_with_conv=False (average-pool down / conv-less upsampling) is not "
                          "supported: diffusers' VAE blocks always resample with a conv; allowed is true")
     for flag in ("give_pre_end", "tanh_out"):
         if ddconfig.get(flag, False):
-            raise ValueError(f"ddconfig.{flag}={ddconfig[flag]!r} is not supported: diffusers' Decoder always "
+            raise UserError(f"ddconfig.{flag}={ddconfig[flag]!r} is not supported: diffusers' Decoder always "
                              f"ends with norm_out + SiLU + conv_out and no tanh; allowed is false")
 
 
@@ -128,17 +129,17 @@ def first_stage_kwargs(first_stage_config: Mapping, *, scale_factor: float | Non
     params = config.get("params") or {}
     ddconfig = params.get("ddconfig")
     if not isinstance(ddconfig, Mapping):
-        raise ValueError(f"first_stage_config.params.ddconfig must be a mapping, got {ddconfig!r}")
+        raise UserError(f"first_stage_config.params.ddconfig must be a mapping, got {ddconfig!r}")
     _check_ddconfig(ddconfig, kind)
     if "embed_dim" not in params:
-        raise ValueError("first_stage_config.params lacks embed_dim")
+        raise UserError("first_stage_config.params lacks embed_dim")
     embed_dim, z_channels = int(params["embed_dim"]), int(ddconfig["z_channels"])
     for name in ("remap", "colorize_nlabels"):
         if params.get(name) is not None:
-            raise ValueError(f"first_stage_config.params.{name}={params[name]!r} is not supported "
+            raise UserError(f"first_stage_config.params.{name}={params[name]!r} is not supported "
                              "(diffusers' VQModel has no index remapping / colorize buffer); allowed is null")
     if params.get("use_ema", False):
-        raise ValueError("first_stage_config.params.use_ema=True is not supported: the first stage's own EMA "
+        raise UserError("first_stage_config.params.use_ema=True is not supported: the first stage's own EMA "
                          "(model_ema.*) is not loaded; allowed is false")
 
     encoder_attn, decoder_attn = _attention_levels(ddconfig)
@@ -160,12 +161,12 @@ def first_stage_kwargs(first_stage_config: Mapping, *, scale_factor: float | Non
     )
     if kind == "vq":
         if "n_embed" not in params:
-            raise ValueError("first_stage_config.params lacks n_embed (the VQ codebook size)")
+            raise UserError("first_stage_config.params lacks n_embed (the VQ codebook size)")
         kwargs.update(num_vq_embeddings=int(params["n_embed"]), vq_embed_dim=embed_dim)
         cls = VQModel
     else:
         if embed_dim != z_channels:
-            raise ValueError(f"AutoencoderKL with embed_dim={embed_dim} != ddconfig.z_channels={z_channels} is not "
+            raise UserError(f"AutoencoderKL with embed_dim={embed_dim} != ddconfig.z_channels={z_channels} is not "
                              "supported: diffusers' AutoencoderKL ties its quant convs to latent_channels; "
                              "allowed is embed_dim == z_channels")
         cls = AutoencoderKL
@@ -184,7 +185,7 @@ def ldm_scale_factor(ldm_params: Mapping, state_dict: Mapping[str, torch.Tensor]
     params = to_plain(ldm_params) or {}
     if params.get("scale_by_std", False):
         if state_dict is None or "scale_factor" not in state_dict:
-            raise KeyError("scale_by_std: true needs the checkpoint's 'scale_factor' entry (1/std of the latents)")
+            raise CheckpointKeyError("scale_by_std: true needs the checkpoint's 'scale_factor' entry (1/std of the latents)")
         return float(torch.as_tensor(state_dict["scale_factor"]).item())
     return float(params.get("scale_factor", LDM_DEFAULT_SCALE_FACTOR))
 
@@ -217,7 +218,7 @@ def load_first_stage_from_compvis(state_dict: Mapping[str, torch.Tensor], first_
                                      ("in the checkpoint but not in the config", unexpected),
                                      ("shape differs", mis_shaped)) if names]
     if problems:
-        raise ValueError(f"CompVis {kind.upper()} first-stage weights do not fit first_stage_config "
+        raise UserError(f"CompVis {kind.upper()} first-stage weights do not fit first_stage_config "
                          f"({cls.__name__} {kwargs['block_out_channels']}): " + "; ".join(problems))
     model.load_state_dict(weights, strict=True)
     return model.eval()
@@ -229,7 +230,7 @@ def load_first_stage_from_ldm(checkpoint_state_dict: Mapping[str, torch.Tensor],
     `model.params.first_stage_config`, and the latent scale (`ldm_scale_factor`) as config.scaling_factor."""
     params = to_plain(ldm_params)
     if not isinstance(params, Mapping) or "first_stage_config" not in params:
-        raise ValueError("ldm_params must be `model.params` of a CompVis LDM yaml, with a first_stage_config")
+        raise UserError("ldm_params must be `model.params` of a CompVis LDM yaml, with a first_stage_config")
     return load_first_stage_from_compvis(select_first_stage(checkpoint_state_dict), params["first_stage_config"],
                                          scale_factor=ldm_scale_factor(params, checkpoint_state_dict))
 

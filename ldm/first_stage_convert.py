@@ -36,6 +36,8 @@ from typing import Mapping
 
 import torch
 
+from diffusion.errors import CheckpointKeyError, UserError
+
 KINDS = ("vq", "kl")
 FIRST_STAGE_PREFIX = "first_stage_model."
 # Training-only modules a CompVis first-stage checkpoint may carry (LPIPS + discriminator, KL logvar):
@@ -99,7 +101,7 @@ _COMPILED = _compile_rules()
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown first-stage kind {kind!r}: allowed are {', '.join(map(repr, KINDS))} "
+        raise UserError(f"unknown first-stage kind {kind!r}: allowed are {', '.join(map(repr, KINDS))} "
                          "(VQModel/VQModelInterface -> 'vq', AutoencoderKL -> 'kl')")
 
 
@@ -111,7 +113,7 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         if bare.startswith(TRAINING_ONLY_PREFIXES):
             continue
         if bare in out:
-            raise ValueError(f"first-stage key {bare!r} is given both with and without the "
+            raise UserError(f"first-stage key {bare!r} is given both with and without the "
                              f"{FIRST_STAGE_PREFIX!r} prefix")
         out[bare] = value
     return out
@@ -123,7 +125,7 @@ def select_first_stage(checkpoint_state_dict: Mapping[str, torch.Tensor]) -> dic
                 if k.startswith(FIRST_STAGE_PREFIX)}
     if not selected:
         sample = _format_list(list(checkpoint_state_dict)[:5], limit=5)
-        raise KeyError(f"the checkpoint has no {FIRST_STAGE_PREFIX!r} entries (first keys: {sample}): "
+        raise CheckpointKeyError(f"the checkpoint has no {FIRST_STAGE_PREFIX!r} entries (first keys: {sample}): "
                        "is it a CompVis LatentDiffusion checkpoint?")
     return selected
 
@@ -132,7 +134,7 @@ def _n_levels(keys, level_regex: str, what: str) -> int:
     """Number of resolution levels = 1 + the largest level index in keys matching level_regex."""
     found = [int(m.group(1)) for k in keys if (m := re.match(level_regex, k))]
     if not found:
-        raise ValueError(f"first-stage state dict has no {what} keys: cannot tell the number of levels")
+        raise UserError(f"first-stage state dict has no {what} keys: cannot tell the number of levels")
     return max(found) + 1
 
 
@@ -227,20 +229,20 @@ def _check_structure(compvis_sd: Mapping[str, torch.Tensor], kind: str, n_levels
         problems.append(f"{len(extra)} key(s) that the structure does not have (e.g. a downsampler after the "
                         f"last level): {_format_list(name_in_source(k) for k in extra)}")
     if problems:
-        raise KeyError(f"incomplete CompVis {kind.upper()} first stage with {n_levels} levels: " + "; ".join(problems))
+        raise CheckpointKeyError(f"incomplete CompVis {kind.upper()} first stage with {n_levels} levels: " + "; ".join(problems))
 
 
 def _attn_to_linear(key: str, tensor: torch.Tensor) -> torch.Tensor:
     """(C, C, 1, 1) 1x1-conv kernel -> (C, C) linear weight."""
     if tensor.ndim != 4 or tensor.shape[2:] != (1, 1):
-        raise ValueError(f"{key}: expected a 1x1 conv kernel of shape (C, C, 1, 1), got {tuple(tensor.shape)}")
+        raise UserError(f"{key}: expected a 1x1 conv kernel of shape (C, C, 1, 1), got {tuple(tensor.shape)}")
     return tensor.reshape(tensor.shape[0], tensor.shape[1])
 
 
 def _attn_to_conv(key: str, tensor: torch.Tensor) -> torch.Tensor:
     """(C, C) linear weight -> (C, C, 1, 1) 1x1-conv kernel."""
     if tensor.ndim != 2:
-        raise ValueError(f"{key}: expected a linear weight of shape (C, C), got {tuple(tensor.shape)}")
+        raise UserError(f"{key}: expected a linear weight of shape (C, C), got {tuple(tensor.shape)}")
     return tensor.reshape(tensor.shape[0], tensor.shape[1], 1, 1)
 
 
@@ -268,7 +270,7 @@ def compvis_to_diffusers_first_stage(state_dict: Mapping[str, torch.Tensor], kin
             continue
         out[new] = _attn_to_linear(key, tensor) if _is_attn_projection_weight(key) else tensor
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) of the CompVis {kind.upper()} first stage match no CompVis "
+        raise UserError(f"{len(unknown)} key(s) of the CompVis {kind.upper()} first stage match no CompVis "
                          f"Encoder/Decoder/quant_conv/post_quant_conv"
                          f"{'/quantize.embedding' if kind == 'vq' else ''} parameter: {_format_list(unknown)}")
     _check_structure(sd, kind, n_levels, name_in_source=lambda k: k)
@@ -294,7 +296,7 @@ def diffusers_to_compvis_first_stage(state_dict: Mapping[str, torch.Tensor], kin
         back[new] = key
         out[new] = _attn_to_conv(key, tensor) if _is_attn_projection_weight(new) else tensor
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) of the diffusers {'VQModel' if kind == 'vq' else 'AutoencoderKL'} "
+        raise UserError(f"{len(unknown)} key(s) of the diffusers {'VQModel' if kind == 'vq' else 'AutoencoderKL'} "
                          f"have no CompVis counterpart: {_format_list(unknown)}")
 
     def diffusers_name(compvis_key: str) -> str:

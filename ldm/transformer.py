@@ -14,13 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffusion.attention import mark_attention
+from diffusion.errors import UserError
 
 
 def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     """CompVis `normalization()` / `Normalize()`: 32 groups (their GroupNorm32 upcasts to
     float32 for half inputs; `GroupNorm32` below keeps that)."""
     if channels % 32:
-        raise ValueError(f"LDM U-Net layers use GroupNorm with 32 groups: {channels} channels is not a multiple of 32")
+        raise UserError(f"LDM U-Net layers use GroupNorm with 32 groups: {channels} channels is not a multiple of 32")
     return GroupNorm32(32, channels, eps=eps)
 
 
@@ -50,7 +51,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         if self.context_dim is not None and context.shape[-1] != self.context_dim:
-            raise ValueError(f"cross-attention context has width {context.shape[-1]}; this model takes "
+            raise UserError(f"cross-attention context has width {context.shape[-1]}; this model takes "
                              f"context_dim={self.context_dim} (context shape (B, tokens, {self.context_dim}))")
         B, L, _ = x.shape
         h = self.heads
@@ -148,7 +149,7 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+                raise UserError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
             self.num_heads = channels // num_head_channels
         self.new_order = use_new_attention_order
         self.norm = group_norm(channels)

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffusion.errors import UserError
+
 from .transformer import AttentionBlock, SpatialTransformer, group_norm
 
 
@@ -46,7 +48,7 @@ class Downsample(nn.Module):
         if use_conv:
             self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
         elif out_channels != channels:
-            raise ValueError("Downsample without a conv cannot change the channel count")
+            raise UserError("Downsample without a conv cannot change the channel count")
         else:
             self.op = nn.AvgPool2d(2, stride=2)
 
@@ -172,17 +174,17 @@ class UNetModel(nn.Module):
     ):
         super().__init__()
         if dims != 2:
-            raise ValueError(f"dims={dims}: only 2-D U-Nets (dims=2) are implemented")
+            raise UserError(f"dims={dims}: only 2-D U-Nets (dims=2) are implemented")
         if use_spatial_transformer and context_dim is None:
-            raise ValueError("use_spatial_transformer=True needs context_dim (the cross-attention context width)")
+            raise UserError("use_spatial_transformer=True needs context_dim (the cross-attention context width)")
         if context_dim is not None and not isinstance(context_dim, int):
             context_dim = list(context_dim)[0]  # CompVis allows a list (one per level, all equal in practice)
         if num_classes is not None and not isinstance(num_classes, int):
-            raise ValueError(f"num_classes={num_classes!r}: only an int (a label embedding table) is supported")
+            raise UserError(f"num_classes={num_classes!r}: only an int (a label embedding table) is supported")
         if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("set num_heads or num_head_channels")
+            raise UserError("set num_heads or num_head_channels")
         if not isinstance(transformer_depth, int):
-            raise ValueError(f"transformer_depth={transformer_depth!r}: one int for all levels is supported")
+            raise UserError(f"transformer_depth={transformer_depth!r}: one int for all levels is supported")
         num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
 
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
@@ -255,7 +257,7 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0 and batch is not None:
             timesteps = timesteps.expand(batch)
         if (y is not None) != (self.num_classes is not None):
-            raise ValueError("pass class labels y exactly when the U-Net has num_classes "
+            raise UserError("pass class labels y exactly when the U-Net has num_classes "
                              f"(num_classes={self.num_classes}, y given: {y is not None})")
         features = timestep_embedding(timesteps, self.model_channels)  # float32, then the weights' type
         emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
@@ -281,12 +283,12 @@ class UNetModel(nn.Module):
 
     def check_input(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"U-Net input must be (B, {self.in_channels}, H, W); got {tuple(x.shape)}")
+            raise UserError(f"U-Net input must be (B, {self.in_channels}, H, W); got {tuple(x.shape)}")
         levels = 2 ** (len(self.channel_mult) - 1)
         if x.shape[-1] % levels or x.shape[-2] % levels:
-            raise ValueError(f"latent side {tuple(x.shape[-2:])} must be a multiple of {levels} "
+            raise UserError(f"latent side {tuple(x.shape[-2:])} must be a multiple of {levels} "
                              f"(the U-Net halves it {len(self.channel_mult) - 1} times)")
         if self.context_dim is not None and context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
-            raise ValueError(f"context must be (B, tokens, {self.context_dim}) (context_dim={self.context_dim}); "
+            raise UserError(f"context must be (B, tokens, {self.context_dim}) (context_dim={self.context_dim}); "
                              f"got {tuple(context.shape)}")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runs.generate import Generation
 from diffusion.outputs import rows_by_label, save_grid, save_npz
+from runs.generate import Generation
 from runs.resume import SampleFolder
 
 

@@ -24,12 +24,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.context import SamplingPlan
+from diffusion.errors import UserError
 from diffusion.macs import count_macs, count_sampling_macs
-from runs.run import build_denoiser, build_hooks, model_configs, model_names
 from diffusion.sampler import check_cfg_scale
 from diffusion.solvers import NoiseSchedule, build_solver
-
-from tgate.hook import TGateHook
+from runs.run import build_denoiser, build_hooks, model_configs, model_names
 
 
 def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
@@ -45,14 +44,19 @@ def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
 def latent_size(model_cfg: DictConfig) -> int:
     factor = int(model_cfg.get("latent_factor", 8))
     if int(model_cfg.image_size) % factor:
-        raise ValueError(f"model.image_size={model_cfg.image_size} must be a multiple of {factor}")
+        raise UserError(f"model.image_size={model_cfg.image_size} must be a multiple of {factor}")
     return int(model_cfg.image_size) // factor
 
 
 def denoiser_inputs(model: nn.Module, model_cfg: DictConfig, rows: int) -> tuple[tuple, dict]:
     """Placeholder inputs of the shapes the model's pipeline feeds it, `rows` batch rows."""
-    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           SD3Transformer2DModel, UNet2DConditionModel)
+    from diffusers import (
+        DiTTransformer2DModel,
+        FluxTransformer2DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     size = latent_size(model_cfg)
     meta = dict(device="meta")
@@ -100,7 +104,7 @@ def denoiser_inputs(model: nn.Module, model_cfg: DictConfig, rows: int) -> tuple
         x = torch.zeros(rows, model.in_channels, size, size, **meta)
         y = torch.zeros(rows, dtype=torch.long, **meta)
         return (x, t), {model_cfg.get("cond_key", "y"): y}
-    raise ValueError(f"cannot make counting inputs for {type(model).__name__}")
+    raise UserError(f"cannot make counting inputs for {type(model).__name__}")
 
 
 def count_run(models: list[nn.Module], model_cfgs: list[DictConfig], num_steps: int, use_cfg: bool,
@@ -129,14 +133,14 @@ def run_settings(cfg: DictConfig) -> tuple[int, float, bool]:
         scale = check_cfg_scale(cfg.sampler.cfg_scale)
         return int(cfg.sampler.steps), scale, cfg_batch and (scale > 1 if pipeline else scale != 1.0)
     if not pipeline:
-        raise ValueError(f"sampler=pipeline counts a diffusers pipeline's call, but model {cfg.model.name!r} is "
+        raise UserError(f"sampler=pipeline counts a diffusers pipeline's call, but model {cfg.model.name!r} is "
                          "native; use a native sampler (ddim, ddpm, dpmpp_2m, euler)")
     from runs.pipeline_run import call_arguments
 
     call = call_arguments(cfg)
     steps, scale = call.get("num_inference_steps"), call.get("guidance_scale")
     if steps is None or scale is None:
-        raise ValueError(f"model {cfg.model.name!r}: give sampler.steps and sampler.cfg_scale (its model.call has "
+        raise UserError(f"model {cfg.model.name!r}: give sampler.steps and sampler.cfg_scale (its model.call has "
                          f"num_inference_steps={steps}, guidance_scale={scale})")
     return int(steps), float(scale), cfg_batch and scale > 1  # diffusers pipelines: CFG batch iff scale > 1
 

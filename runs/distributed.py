@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from diffusion.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +107,7 @@ def _int_env(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r}: must be an integer") from None
+        raise UserError(f"environment variable {name}={value!r}: must be an integer") from None
 
 
 def dist_from_env() -> Dist:
@@ -116,7 +118,7 @@ def dist_from_env() -> Dist:
     rank = _int_env("RANK", 0)
     local = _int_env("LOCAL_RANK", rank)
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+        raise UserError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
     return Dist(rank, world, local)
 
 

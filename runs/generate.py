@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.context import Hook
+from diffusion.errors import UserError
 from diffusion.finite import check_finite_latents
 from diffusion.outputs import save_sample_pngs
 from diffusion.sampler import sample
@@ -32,7 +33,7 @@ class Generation:
 def check_counts(num_samples, batch_size) -> None:
     for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+            raise UserError(f"{key}={value!r}: must be an integer >= 1")
 
 
 def _synchronize(device: torch.device) -> None:

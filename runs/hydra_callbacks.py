@@ -21,8 +21,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from runs.distributed import dist_from_env
 from diffusion.errors import ReportedError, exit_with
+from runs.distributed import dist_from_env
 from runs.folder_lock import acquire, not_writable
 
 

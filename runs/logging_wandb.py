@@ -21,6 +21,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
@@ -77,10 +79,10 @@ def _run_id(out_dir: Path) -> str:
 def check_logger_config(logger_cfg) -> None:
     name = logger_cfg.get("name") if logger_cfg is not None else "none"
     if name not in ("none", "wandb"):
-        raise ValueError(f"logger.name={name!r}: allowed are 'none' and 'wandb' (logger=none / logger=wandb)")
+        raise UserError(f"logger.name={name!r}: allowed are 'none' and 'wandb' (logger=none / logger=wandb)")
     mode = logger_cfg.get("mode") if logger_cfg is not None else None
     if mode not in (None, "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={mode!r}: allowed are online, offline, disabled, or null (WANDB_MODE decides)")
+        raise UserError(f"logger.mode={mode!r}: allowed are online, offline, disabled, or null (WANDB_MODE decides)")
 
 
 @contextmanager

@@ -33,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.compile import CompileStats, compile_denoiser
-from runs.generate import check_counts
+from diffusion.errors import UserError
 from diffusion.outputs import save_grid, save_json, save_npz, save_sample_pngs
 from diffusion.seeding import sample_generators
+from runs.generate import check_counts
 from runs.speed import Speed
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class PipelineAccel:
     def __init__(self, name: str, node):
         entry = dict(_plain(node))
         if "_target_" not in entry:
-            raise ValueError(f"accel.pipeline.{name}: needs a `_target_` (the function that applies it to a pipeline)")
+            raise UserError(f"accel.pipeline.{name}: needs a `_target_` (the function that applies it to a pipeline)")
         self.name = name
         self.apply_fn = get_method(entry.pop("_target_"))
         remove, check = entry.pop("remove", None), entry.pop("check", None)
@@ -88,7 +89,7 @@ def build_pipeline_accels(cfg: DictConfig) -> list[PipelineAccel]:
     accel = cfg.accel
     entries = accel.get("pipeline") or {}
     if not entries and ((accel.get("hooks") or {}) or (accel.get("models") or {})):
-        raise ValueError(f"accel={accel.name!r} acts on the native sampler (accel.hooks / accel.models) and has no "
+        raise UserError(f"accel={accel.name!r} acts on the native sampler (accel.hooks / accel.models) and has no "
                          f"accel.pipeline entry for diffusers pipelines; use e.g. accel=tstitch_pipeline, "
                          f"accel=tgate_sdxl, accel=tgate_pixart or accel=none")
     return [PipelineAccel(name, node) for name, node in entries.items()]
@@ -98,19 +99,19 @@ def sample_inputs(cfg: DictConfig, root: Path | None = None) -> list:
     """(num_samples,) the prompt (or conditioning image path) of every sample, used cyclically."""
     kind = cfg.model.get("input", "prompt")
     if kind not in INPUT_KINDS:
-        raise ValueError(f"model.input={kind!r}: must be one of {INPUT_KINDS}")
+        raise UserError(f"model.input={kind!r}: must be one of {INPUT_KINDS}")
     key = "prompts" if kind == "prompt" else "images"
     values, path = cfg.get(key), cfg.get(f"{key}_file")
     if values is not None and path is not None:
-        raise ValueError(f"give {key}=[...] or {key}_file=PATH, not both")
+        raise UserError(f"give {key}=[...] or {key}_file=PATH, not both")
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"{key}_file={str(path)!r}: no such file (one {kind} per line)")
+            raise UserError(f"{key}_file={str(path)!r}: no such file (one {kind} per line)")
         values = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     values = [str(v) for v in (values or [])]
     if not values:
-        raise ValueError(f"model {cfg.model.name!r} samples from {kind}s: give {key}=[...] or {key}_file=PATH "
+        raise UserError(f"model {cfg.model.name!r} samples from {kind}s: give {key}=[...] or {key}_file=PATH "
                          f"(one {kind} per line), e.g. {key}='[\"an astronaut riding a horse\"]'")
     return [values[k % len(values)] for k in range(cfg.num_samples)]
 
@@ -121,11 +122,11 @@ def call_arguments(cfg: DictConfig) -> dict:
     steps, scale = cfg.sampler.get("steps"), cfg.sampler.get("cfg_scale")
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"sampler.steps={steps!r}: must be an integer >= 1 (or null: the model's default)")
+            raise UserError(f"sampler.steps={steps!r}: must be an integer >= 1 (or null: the model's default)")
         args["num_inference_steps"] = steps
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale < 0:
-            raise ValueError(f"sampler.cfg_scale={scale!r}: must be a number >= 0 (or null: the model's default)")
+            raise UserError(f"sampler.cfg_scale={scale!r}: must be a number >= 0 (or null: the model's default)")
         args["guidance_scale"] = float(scale)
     if cfg.get("negative_prompt") is not None:
         args["negative_prompt"] = str(cfg.negative_prompt)
@@ -139,14 +140,14 @@ def call_arguments(cfg: DictConfig) -> dict:
 def check_pipeline_config(cfg: DictConfig) -> tuple[list, dict, list[PipelineAccel]]:
     """Every check that needs no pipeline: (inputs per sample, call arguments, accel entries)."""
     if cfg.sampler.name != "pipeline":
-        raise ValueError(f"model {cfg.model.name!r} is a diffusers pipeline, sampled with its own scheduler: "
+        raise UserError(f"model {cfg.model.name!r} is a diffusers pipeline, sampled with its own scheduler: "
                          f"use sampler=pipeline (sampler.scheduler=<diffusers class> swaps it), not "
                          f"sampler={cfg.sampler.name}, which drives native models")
     if not cfg.pretrained:
-        raise ValueError("pretrained=false: pipelines load their weights from model.source (a hub id or a local "
+        raise UserError("pretrained=false: pipelines load their weights from model.source (a hub id or a local "
                          "folder); random weights are for native models")
     if not cfg.model.get("source"):
-        raise ValueError(f"model {cfg.model.name!r}: model.source must name a hub id or a local pipeline folder")
+        raise UserError(f"model {cfg.model.name!r}: model.source must name a hub id or a local pipeline folder")
     check_counts(cfg.num_samples, cfg.batch_size)
     inputs = sample_inputs(cfg)
     args = call_arguments(cfg)
@@ -164,12 +165,12 @@ def pipeline_dtype(name: str | None, precision: str, device: torch.device) -> to
     if name not in (None, "auto"):
         explicit = getattr(torch, str(name), None)
         if not isinstance(explicit, torch.dtype) or not explicit.is_floating_point:
-            raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16")
+            raise UserError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16")
     if precision == "auto":
         return explicit or (torch.float16 if device.type == "cuda" else torch.float32)
     wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if explicit is not None and explicit != wanted:
-        raise ValueError(f"precision={precision} runs the pipeline in {str(wanted).removeprefix('torch.')}, but "
+        raise UserError(f"precision={precision} runs the pipeline in {str(wanted).removeprefix('torch.')}, but "
                          f"model.dtype={name}: set model.dtype=auto (or precision=auto to keep model.dtype)")
     return wanted
 
@@ -183,7 +184,7 @@ def compile_pipeline(pipe, mode: str, backend: str) -> None:
     models = getattr(denoiser, "models", None)  # a stitched denoiser holds several
     for model in (list(models) if isinstance(models, torch.nn.ModuleList) else [denoiser]):
         if mode == "regional" and not getattr(model, "_repeated_blocks", None):
-            raise ValueError(f"compile=regional: {type(model).__name__} lists no repeated blocks "
+            raise UserError(f"compile=regional: {type(model).__name__} lists no repeated blocks "
                              "(_repeated_blocks); use compile=full or compile=none")
         if mode == "regional" and hasattr(model, "compile_repeated_blocks"):
             model.compile_repeated_blocks(backend=backend)
@@ -197,7 +198,7 @@ def load_pipeline(model_cfg: DictConfig, scheduler: str | None, device: torch.de
     source = str(model_cfg.source)
     local = Path(source)
     if (local.is_absolute() or source.startswith(".")) and not local.is_dir():
-        raise ValueError(f"model.source={source!r}: no such folder")
+        raise UserError(f"model.source={source!r}: no such folder")
     kwargs = dict(_plain(model_cfg.get("load") or {}))
     for name, node in (_plain(model_cfg.get("components")) or {}).items():
         node = dict(node)
@@ -224,7 +225,7 @@ def _load_image(path: str):
     from PIL import Image
 
     if not Path(path).is_file():
-        raise ValueError(f"conditioning image {path!r}: no such file")
+        raise UserError(f"conditioning image {path!r}: no such file")
     return Image.open(path).convert("RGB")
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from diffusion.errors import UserError
 from diffusion.outputs import npz_array_header, sample_filename, save_json
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class SampleFolder:
             saved.setdefault(key, before)
         diff = _differences(saved, json.loads(json.dumps(config)))
         if diff:
-            raise ValueError(f"{self.dir} holds samples of another config ({'; '.join(diff[:5])}"
+            raise UserError(f"{self.dir} holds samples of another config ({'; '.join(diff[:5])}"
                              f"{'; ...' if len(diff) > 5 else ''}): resume only with the same settings, "
                              "or write to a new folder (hydra.run.dir=...)")
 

@@ -16,22 +16,23 @@ import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from runs.collect import RankResult, combine, first_steps, write_folder_outputs
-from diffusion.compile import CompileStats
-from runs.generate import check_counts, generate
-from diffusion.context import SamplingPlan
 from diffusion.checkpoint_files import checkpoint_setting
-from runs.distributed import Dist, batches_for_rank
-from runs.folder_lock import claim_folder
+from diffusion.compile import CompileStats
+from diffusion.context import SamplingPlan
+from diffusion.errors import UserError
 from diffusion.macs import count_macs, count_sampling_macs
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
-from runs.resume import SampleFolder, grid_batches, samples_config
 from diffusion.sampler import check_cfg_scale
 from diffusion.seeding import class_labels
 from diffusion.solvers import NoiseSchedule, build_solver, check_solver_args
-from runs.speed import Speed
 from diffusion.vae import load_first_stage
+from runs.collect import RankResult, combine, first_steps, write_folder_outputs
+from runs.distributed import Dist, batches_for_rank
+from runs.folder_lock import claim_folder
+from runs.generate import check_counts, generate
+from runs.resume import SampleFolder, grid_batches, samples_config
+from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+        raise UserError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return device
 
 
@@ -81,15 +82,15 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
     """Every check that needs no model, before any work; returns the class labels."""
     accel = cfg.accel
     if (accel.get("pipeline") or {}) and not (accel.get("hooks") or {}) and not (accel.get("models") or {}):
-        raise ValueError(f"accel={accel.name!r} acts on diffusers pipelines (accel.pipeline) and has nothing for "
+        raise UserError(f"accel={accel.name!r} acts on diffusers pipelines (accel.pipeline) and has nothing for "
                          f"{cfg.model.name!r}, a native model; use e.g. accel=tstitch, accel=tgate, "
                          f"accel=deep_cache or accel=none")
     for c in model_configs(cfg):
         if c.get("count_only", False):  # e.g. model=sdxl: an architecture for scripts/count_macs.py
-            raise ValueError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "
+            raise UserError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "
                              "scripts/sample.py samples class-conditional models (DiT) for now")
         if c.get("kind") == "pipeline":  # e.g. accel=tstitch_sd35's small model beside a native one
-            raise ValueError(f"accel={accel.name!r} adds {c.name!r}, a diffusers pipeline model, to {cfg.model.name!r}, "
+            raise UserError(f"accel={accel.name!r} adds {c.name!r}, a diffusers pipeline model, to {cfg.model.name!r}, "
                              "a native model; stitch native models with accel=tstitch (or tstitch_ldm, tstitch_digits)")
     check_counts(cfg.num_samples, cfg.batch_size)
     check_cfg_scale(cfg.sampler.cfg_scale)
@@ -194,7 +195,7 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
     with claim_folder(out_dir, "out_dir", dist), cpu_threads(cfg.get("num_threads")):
         if cfg.model.get("kind") == "pipeline":  # diffusers pipelines (SD, SD-XL, PixArt, ...): their own module
             if dist is not None and dist.world_size > 1:
-                raise ValueError("text/image pipelines (model kind: pipeline) run in one process for now, without "
+                raise UserError("text/image pipelines (model kind: pipeline) run in one process for now, without "
                                  "resume; launch them without torchrun/accelerate (or split the prompts over jobs)")
             from runs.pipeline_run import run_pipeline_from_config
             return run_pipeline_from_config(cfg, out_dir, resolve_device(cfg.device))
@@ -234,7 +235,7 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
         else:
             stage = load_first_stage(cfg.vae, pretrained=cfg.pretrained, device=device)
         if image_size % stage.factor:
-            raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
+            raise UserError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
         latent_size = image_size // stage.factor
         models = []
         for key, c in zip(model_keys(cfg), configs):
@@ -244,10 +245,10 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
     latent_channels = stage.latent_channels
     for name, model in zip(names, models):
         if getattr(model, "in_channels", latent_channels) != latent_channels:
-            raise ValueError(f"model {name} takes {model.in_channels} latent channels, the VAE makes {latent_channels}")
+            raise UserError(f"model {name} takes {model.in_channels} latent channels, the VAE makes {latent_channels}")
     guided = cfg.model.get("guided_channels")
     if guided is not None and not 0 < guided <= latent_channels:
-        raise ValueError(f"model.guided_channels={guided}: must be in [1, {latent_channels}] "
+        raise UserError(f"model.guided_channels={guided}: must be in [1, {latent_channels}] "
                          f"(the latent has {latent_channels} channels) or null for all")
     latent_shape = (latent_channels, latent_size, latent_size)
 

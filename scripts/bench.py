@@ -12,13 +12,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from benchmarks.tstitch import format_table, time_ratios
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
-from runs.run import resolve_device
 from diffusion.solvers import build_solver
-from runs.speed import Speed
 from dit import build_dit
-from benchmarks.tstitch import format_table, time_ratios
+from runs.run import resolve_device
+from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 

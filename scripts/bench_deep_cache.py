@@ -13,11 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from deep_cache import DeepCacheHook
 from diffusion.outputs import save_json
-from runs.run import build_denoiser, resolve_device
 from diffusion.solvers import NoiseSchedule, build_solver
-from runs.speed import Speed
 from diffusion.timing import time_with_and_without
 from runs.count_macs import build_meta_denoiser, count_run
+from runs.run import build_denoiser, resolve_device
+from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 

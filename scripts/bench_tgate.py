@@ -11,13 +11,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from benchmarks.tgate import predicted_macs, time_gating
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
-from runs.run import resolve_device
 from diffusion.solvers import build_solver
-from runs.speed import Speed
 from dit import build_dit
-from benchmarks.tgate import predicted_macs, time_gating
+from runs.run import resolve_device
+from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 

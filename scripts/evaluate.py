@@ -62,9 +62,9 @@ def _run_config(folder: Path, force_wandb: bool):
 
 
 def _fid(folders: list[Path], args) -> None:
-    from runs.logging_wandb import run_logger
     from evaluation.inception import InceptionFeatures
     from evaluation.run_eval import evaluate_into_run
+    from runs.logging_wandb import run_logger
 
     settings = {"reference": args.reference, "inception_weights": args.inception_weights, "dims": args.dims,
                 "batch_size": args.batch_size, "nearest_k": args.nearest_k, "reference_stats": args.reference_stats}

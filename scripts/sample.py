@@ -7,8 +7,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from runs.distributed import process_group, shared_output_dir
 from diffusion.errors import reports_errors
+from runs.distributed import process_group, shared_output_dir
 from runs.folder_lock import claim_folder
 from runs.hydra_callbacks import run_folder_key
 from runs.logging_wandb import run_logger

@@ -141,9 +141,9 @@ def test_train_script_prints_one_error_line_and_exits_2(trained_run, tmp_path):
 
 
 def test_compvis_checkpoints_are_checked_too(tmp_path):
-    from ldm import build_ldm
-
     from test_ldm_checkpoint import compvis_params, write_compvis_ldm
+
+    from ldm import build_ldm
 
     ckpt, config = write_compvis_ldm(tmp_path, "ldm", compvis_params(), seed=0)
     state = torch.load(ckpt, weights_only=True)

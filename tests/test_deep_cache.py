@@ -5,14 +5,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from test_ldm_unet import diffusers_twin
 
 from deep_cache import DeepCacheHook
 from deep_cache.hook import UNetFeatureCache
 from diffusion import sample
 from diffusion.seeding import initial_noise, sample_generators
 from diffusion.solvers import NoiseSchedule, build_solver
+
 from ldm_tiny import TINY_UNET_HEAD_CHANNELS, ContextDenoiser, randomized_unet
-from test_ldm_unet import diffusers_twin
 
 SD_SCHEDULE = NoiseSchedule(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

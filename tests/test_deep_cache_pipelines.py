@@ -8,10 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import tiny_sd as t
 from deep_cache import DeepCacheHook, allowed_branch_ids, apply_deep_cache, deep_cache_of, remove_deep_cache
 from deep_cache.unet2d import UNet2DFeatureCache
 from runs.run import run_from_config
+
+import tiny_sd as t
 from tgate_parity import CASES, call_arguments, output_latents, run_case
 from tiny_pipelines import load_tiny, save_tiny
 

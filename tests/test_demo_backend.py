@@ -11,7 +11,7 @@ import pytest
 from demo import pairs as pairs_module
 from demo.backend import DemoBackend, DemoError
 from demo.pairs import PAIRS, ModelPair
-from demo.report import generate_summary, gallery_items, sweep_figure, sweep_table
+from demo.report import gallery_items, generate_summary, sweep_figure, sweep_table
 from demo.settings import SettingsError, parse_fractions, parse_settings
 from runs.run import run_from_config
 

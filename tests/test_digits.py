@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from runs.run import build_denoiser, model_configs, run_from_config
 from evaluation.digits import evaluate_digits
+from runs.run import build_denoiser, model_configs, run_from_config
 
 from conftest import CONFIGS
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from diffusion.solvers import NoiseSchedule, build_solver
+from runs.run import build_denoiser, build_hooks, call_target, check_config, model_configs, model_names, run_from_config
+
 import tiny_mmdit as mm
 import tiny_sd as t
 from conftest import CONFIGS, TINY_VAE
-from runs.run import build_denoiser, build_hooks, call_target, check_config, model_configs, model_names
-from runs.run import run_from_config
-from diffusion.solvers import NoiseSchedule, build_solver
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
 ACCELS = sorted(p.stem for p in (CONFIGS / "accel").glob("*.yaml"))

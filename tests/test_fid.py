@@ -10,8 +10,15 @@ import torch
 from PIL import Image
 
 from diffusion.outputs import save_npz
-from evaluation.fid import (Reference, evaluate_images, fid_from_features, inception_outputs, inception_score,
-                            load_reference, precision_recall)
+from evaluation.fid import (
+    Reference,
+    evaluate_images,
+    fid_from_features,
+    inception_outputs,
+    inception_score,
+    load_reference,
+    precision_recall,
+)
 from evaluation.frechet import frechet_distance, frechet_distance_to_features, gaussian_stats
 from evaluation.inception import WEIGHTS_FILE, InceptionFeatures, _fid_inception
 

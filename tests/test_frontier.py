@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,21 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS
-from evaluation.digits import evaluate_digits
-from benchmarks.frontier import BASELINE, Gate, Point, agreement_stats, grid_points, pareto_front, pick_fastest
-from benchmarks.frontier import run_frontier
-from benchmarks.frontier.sweep import own_point
+from benchmarks.frontier import (
+    BASELINE,
+    Gate,
+    Point,
+    agreement_stats,
+    grid_points,
+    pareto_front,
+    pick_fastest,
+    run_frontier,
+)
 from benchmarks.frontier import timing as frontier_timing
+from benchmarks.frontier.sweep import own_point
+from evaluation.digits import evaluate_digits
+
+from conftest import CONFIGS
 
 ROOT = CONFIGS.parent
 CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",

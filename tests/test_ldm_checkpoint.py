@@ -12,6 +12,7 @@ from PIL import Image
 from ldm import build_class_conditional_ldm, build_ldm, load_first_stage, read_compvis_config
 from ldm.first_stage import first_stage_kwargs
 from ldm.first_stage_convert import diffusers_to_compvis_first_stage
+
 from ldm_tiny import TINY_COND_STAGE, TINY_UNET
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, VQModel
 
-from conftest import randomize
 from diffusion.vae import decode_to_uint8, to_uint8
 from ldm.first_stage import (
     first_stage_from_diffusers_model,
@@ -30,6 +29,8 @@ from ldm.first_stage_convert import (
     diffusers_to_compvis_first_stage,
     select_first_stage,
 )
+
+from conftest import randomize
 
 # 2 levels at resolution 16: level 0 at 16x16, level 1 (the bottom) at 8x8 with attention.
 TINY_DD = dict(double_z=False, z_channels=3, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],

@@ -2,13 +2,14 @@
 tests/test_tgate_hooks.py checks against the tgate package): same weights, same results."""
 import pytest
 import torch
+from test_ldm_unet import diffusers_twin
 
 from diffusion import sample
 from diffusion.seeding import initial_noise, sample_generators
 from diffusion.solvers import NoiseSchedule, build_solver
-from ldm_tiny import TINY_UNET_HEAD_CHANNELS, ContextDenoiser, randomized_unet
-from test_ldm_unet import diffusers_twin
 from tgate import TGateHook
+
+from ldm_tiny import TINY_UNET_HEAD_CHANNELS, ContextDenoiser, randomized_unet
 
 LDM_SCHEDULE = NoiseSchedule(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear")
 

@@ -9,6 +9,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from diffusion.attention import find_attention
 from ldm import UNetModel, unet_from_params
 from ldm.transformer import AttentionBlock
+
 from ldm_tiny import TINY_UNET, TINY_UNET_HEAD_CHANNELS, randomized_unet
 
 

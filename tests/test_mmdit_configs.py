@@ -13,10 +13,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from runs.count_macs import count_config
+from runs.run import run_from_config
+
 import tiny_mmdit as m
 from conftest import CONFIGS
-from runs.run import run_from_config
-from runs.count_macs import count_config
 
 ROOT = CONFIGS.parent
 PROMPTS = ["a red fox", "a blue car"]

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_mmdit as m
 from tgate import TGateConfig, TGateHook, apply_tgate, is_gated, remove_tgate
 from tstitch import stitch_pipeline
+
+import tiny_mmdit as m
 
 CALL = dict(height=m.IMAGE_SIZE, width=m.IMAGE_SIZE, output_type="np", max_sequence_length=m.MAX_TOKENS)
 TRUNCATE = dict(cache_attention=False, branch="cond")

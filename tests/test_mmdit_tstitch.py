@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_mmdit as m
 import tstitch
 from tstitch import StitchedDenoiser, stitch_pipeline, unstitch_pipeline
+
+import tiny_mmdit as m
 
 CALL = dict(height=m.IMAGE_SIZE, width=m.IMAGE_SIZE, output_type="np", max_sequence_length=m.MAX_TOKENS)
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from runs.run import run_from_config
+
 import tiny_sd as t
 from conftest import CONFIGS
-from runs.run import run_from_config
 
 ROOT = CONFIGS.parent
 PROMPTS = ["a squirrel in the park", "a red car"]

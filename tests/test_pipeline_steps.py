@@ -13,14 +13,14 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch.overrides import TorchFunctionMode
 
 import tgate
-import tiny_mmdit as m
-import tiny_sd as t
 from deep_cache import apply_deep_cache
 from diffusion.attention import find_attention
-from diffusion.pipeline_steps import (PipelineSteps, first_entry_of_step, step_of_entry, steps_in_loop,
-                                      warmup_entries)
-from loop_pipeline import LoopPipeline
+from diffusion.pipeline_steps import PipelineSteps, first_entry_of_step, step_of_entry, steps_in_loop, warmup_entries
 from tstitch import models_for_steps, stitch_pipeline
+
+import tiny_mmdit as m
+import tiny_sd as t
+from loop_pipeline import LoopPipeline
 
 SCHEDULERS = ["pndm", "dpmpp", "euler", "heun", "lcm", "flow"]
 UNET_SCHEDULERS = SCHEDULERS[:-1]  # the stock SD pipelines scale their inputs: flow matching runs in SD3 / the loop

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ldm_checkpoint import tiny_pair  # noqa: F401  (the fixture: a tiny CompVis LDM pair)
 
 from diffusion.precision import resolve_precision
 from runs.run import run_from_config
-
-from test_ldm_checkpoint import tiny_pair  # noqa: F401  (the fixture: a tiny CompVis LDM pair)
 
 # DiT-S/2 at 32x32 pixels (4 tokens), random weights (pretrained=false: non-zero outputs), a tiny random VAE
 DIT = ["model=dit_s2", "model.image_size=32", "num_samples=2", "batch_size=2", "sampler.steps=6", "progress=false",

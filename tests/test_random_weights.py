@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from diffusion.random_weights import fill_zero_init_layers
-from runs.run import build_denoiser, model_configs
 from dit import build_dit
+from runs.run import build_denoiser, model_configs
 
 
 def _dit_s2(compose_sample):

@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from runs.run import build_denoiser, build_hooks, call_target, check_config, model_configs, run_from_config
 from diffusion.solvers import NoiseSchedule, build_solver
+from runs.run import build_denoiser, build_hooks, call_target, check_config, model_configs, run_from_config
 
 from conftest import CONFIGS
 
@@ -46,8 +46,8 @@ def _files(folder: Path):
 def test_every_experiment_composes_and_instantiates(compose_sample, exp):
     cfg = compose_sample(f"+exp={exp}")
     if cfg.model.get("kind") == "pipeline":  # diffusers pipelines: every check that needs no download
-        from runs.pipeline_run import check_pipeline_config
         from runs.count_macs import build_meta_denoiser
+        from runs.pipeline_run import check_pipeline_config
 
         check_pipeline_config(cfg)  # prompts, call settings, accel.pipeline entries built and checked
         # the architecture scripts/count_macs.py counts: 4 latent channels (SD, SD-XL, PixArt), 16 (SD3.5),

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from diffusion import Hook
-from runs.generate import generate
 from diffusion.guidance import apply_cfg
 from diffusion.sampler import sample
 from diffusion.seeding import class_labels, initial_noise, sample_generators
 from diffusion.solvers import build_solver
+from runs.generate import generate
 
 
 class TinyDenoiser(torch.nn.Module):

@@ -6,9 +6,21 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from diffusion.attention import find_attention
-from tgate import (Action, DeepCacheConfig, TGateConfig, TgatePixArtAlphaLoader, TgateSDDeepCacheLoader,
-                   TgateSDLoader, TgateSDXLLoader, TgateSVDLoader, apply_tgate, is_gated, remove_tgate)
+from tgate import (
+    Action,
+    DeepCacheConfig,
+    TGateConfig,
+    TgatePixArtAlphaLoader,
+    TgateSDDeepCacheLoader,
+    TgateSDLoader,
+    TgateSDXLLoader,
+    TgateSVDLoader,
+    apply_tgate,
+    is_gated,
+    remove_tgate,
+)
 from tgate.steps import step_of_call
+
 from tgate_parity import GATE, PIXART, TEXT
 from tiny_pipelines import load_tiny, save_tiny, svd_image
 

@@ -228,6 +228,7 @@ def test_parity_with_the_reference_tgate_package_on_a_tiny_unet(tgate_reference)
 
     ref = importlib.import_module("tgate_reference.tgate_utils")
     from diffusers.models.attention_processor import AttnProcessor2_0
+
     from tgate_tiny import unet
 
     model, call = unet()

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.attention import find_attention
-from tgate import Action, TGateConfig, TGateHook
 from runs.count_macs import count_config, count_run, denoiser_inputs
+from tgate import Action, TGateConfig, TGateHook
 
 from conftest import CONFIGS
 from tgate_tiny import native_dit, pixart, unet

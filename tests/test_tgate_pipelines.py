@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tgate
+
 from tgate_parity import CASES, call_arguments, output_latents, run_case
 from tiny_pipelines import load_tiny, save_tiny
 

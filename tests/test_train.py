@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from training.checkpointing import load_train_state
 from data.datasets import DigitsDataset
+from training.checkpointing import load_train_state
 from training.losses import DiffusionLoss
 from training.train import train
 

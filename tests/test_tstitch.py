@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, randomize
 from diffusion import sample
 from diffusion.seeding import initial_noise, sample_generators
 from diffusion.solvers import build_solver
 from dit import DiT
-from tstitch import TStitchHook, check_stitchable, model_per_step, resolve_fractions, steps_per_model
+from tstitch import TStitchHook, model_per_step, resolve_fractions, steps_per_model
+
+from conftest import CONFIGS, randomize
 
 RATIOS = [round(0.1 * k, 1) for k in range(11)]
 

@@ -3,9 +3,10 @@ the step split (counted on the real models), img2img, Heun, ControlNet, LCM, ref
 import pytest
 import torch
 
-import tiny_sd as t
 import tstitch
 from tstitch import StitchedDenoiser, get_tstitch_pipeline, get_tstitch_pipepline, stitch_pipeline, unstitch_pipeline
+
+import tiny_sd as t
 
 CALL = dict(height=t.IMAGE_SIZE, width=t.IMAGE_SIZE, output_type="np")
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_sd as t
 from diffusion import SamplingPlan, StepContext
-from runs.run import build_hooks, run_from_config
 from diffusion.solvers import NoiseSchedule, build_solver
+from runs.run import build_hooks, run_from_config
 from tstitch import TStitchHook, models_for_steps, stitch_pipeline
+
+import tiny_sd as t
 
 STEPS = [10, 25, 50, 100, 250]
 RATIOS = [round(0.1 * k, 1) for k in range(11)]  # as upstream's scripts make them

@@ -188,8 +188,12 @@ def pixart_pipeline(seed: int = 0, transformer=None):
 def svd_pipeline(seed: int = 0):
     """StableVideoDiffusionPipeline (image-conditioned video) with tiny parts; its UNet needs widths that are
     multiples of 32 (fixed GroupNorm groups) and its CLIP image encoder sees 224x224 (the pipeline resizes)."""
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)

@@ -3,8 +3,15 @@ from .apply import apply_tgate, is_gated, remove_tgate
 from .config import TGateConfig
 from .deepcache import DeepCacheConfig
 from .hook import TGateHook
-from .loaders import (TgatePixArtAlphaLoader, TgatePixArtSigmaLoader, TgateSDDeepCacheLoader, TgateSDLoader,
-                      TgateSDXLDeepCacheLoader, TgateSDXLLoader, TgateSVDLoader)
+from .loaders import (
+                      TgatePixArtAlphaLoader,
+                      TgatePixArtSigmaLoader,
+                      TgateSDDeepCacheLoader,
+                      TgateSDLoader,
+                      TgateSDXLDeepCacheLoader,
+                      TgateSDXLLoader,
+                      TgateSVDLoader,
+)
 from .pipelines import PipelineGate
 from .schedule import PLAIN, Action, StepActions, check_schedule, gate_actions, gate_table
 from .state import TGateState

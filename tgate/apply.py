@@ -7,6 +7,8 @@ downwards, so neither imports this module.
 """
 from __future__ import annotations
 
+from diffusion.errors import UserError
+
 from .config import TGateConfig
 from .model_gate import HOOK_NAME, gate_attention, is_model_gated, ungate_attention
 from .pipelines import gate_of, gate_pipeline, is_pipeline, ungate_pipeline
@@ -30,10 +32,10 @@ def apply_tgate(target, config: TGateConfig, state: TGateState | None = None, *,
     """
     if is_pipeline(target):
         if state is not None:
-            raise ValueError("tgate: a pipeline drives its own schedule; pass no state")
+            raise UserError("tgate: a pipeline drives its own schedule; pass no state")
         return gate_pipeline(target, config, deepcache)
     if deepcache is not None:
-        raise ValueError("tgate: deepcache= needs a diffusers pipeline (DeepCache wraps pipe.unet)")
+        raise UserError("tgate: deepcache= needs a diffusers pipeline (DeepCache wraps pipe.unet)")
     return gate_attention(target, config, state)
 
 

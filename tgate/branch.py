@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+from diffusion.errors import UserError
+
 HALVES = {"uncond": 0, "cond": 1}  # position of each branch in the pipelines' CFG batch
 
 
@@ -37,7 +39,7 @@ def take_branch(args: tuple, kwargs: dict, rows: int, branch: str) -> tuple[tupl
     pass through unchanged.
     """
     if rows % 2:
-        raise ValueError(f"tgate: the denoiser's CFG batch has {rows} rows; expected an even number "
+        raise UserError(f"tgate: the denoiser's CFG batch has {rows} rows; expected an even number "
                          "([uncond; cond] halves)")
     half = rows // 2
     start = HALVES[branch] * half

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffusion.errors import UserError
+
 from .schedule import StepActions, check_schedule, gate_actions
 
 BRANCHES = ("cond", "uncond")
@@ -40,18 +42,18 @@ class TGateConfig:
     def __post_init__(self):
         check_schedule(self.gate_step, self.sp_interval, self.fi_interval, self.warm_up, self.lcm)
         if self.branch not in BRANCHES:
-            raise ValueError(f"tgate branch={self.branch!r}: must be one of {BRANCHES}")
+            raise UserError(f"tgate branch={self.branch!r}: must be one of {BRANCHES}")
         if not isinstance(self.cache_attention, bool):
-            raise ValueError(f"tgate cache_attention={self.cache_attention!r}: must be true or false")
+            raise UserError(f"tgate cache_attention={self.cache_attention!r}: must be true or false")
         if not self.cache_attention and self.branch == "uncond":
-            raise ValueError("tgate cache_attention=false (guidance truncation alone) with branch='uncond': no cached "
+            raise UserError("tgate cache_attention=false (guidance truncation alone) with branch='uncond': no cached "
                              "attention carries the prompt after the gate, so the unconditional branch would ignore "
                              "it; use branch='cond'")
 
     def check_guidance(self, use_cfg: bool) -> None:
         """lcm=True promises a denoiser without a CFG batch; refuse a run that has one."""
         if self.lcm and use_cfg:
-            raise ValueError("tgate lcm=true, but this run uses classifier-free guidance (a CFG batch); "
+            raise UserError("tgate lcm=true, but this run uses classifier-free guidance (a CFG batch); "
                              "set the guidance scale to 1 (sampler.cfg_scale=1) or lcm=false")
 
     def actions(self, s: int, use_cfg: bool = True) -> StepActions:

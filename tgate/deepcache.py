@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffusion.errors import UserError
+
 
 @dataclass(frozen=True)
 class DeepCacheConfig:
@@ -25,7 +27,7 @@ class DeepCacheConfig:
         for key, low in (("cache_interval", 1), ("cache_branch_id", 0)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"deepcache {key}={value!r}: must be an integer >= {low}")
+                raise UserError(f"deepcache {key}={value!r}: must be an integer >= {low}")
 
 
 def make_helper(pipe, config: DeepCacheConfig):
@@ -36,7 +38,7 @@ def make_helper(pipe, config: DeepCacheConfig):
         raise ImportError("DeepCache with T-GATE needs the DeepCache package: pip install DeepCache==0.1.1") from error
     unet = getattr(pipe, "unet", None)
     if unet is None or not all(hasattr(unet, name) for name in ("down_blocks", "mid_block", "up_blocks")):
-        raise ValueError(f"deepcache: {type(pipe).__name__} has no U-Net with down/mid/up blocks "
+        raise UserError(f"deepcache: {type(pipe).__name__} has no U-Net with down/mid/up blocks "
                          "(DeepCache works on U-Net pipelines such as SD and SD-XL, not on transformers)")
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=config.cache_interval, cache_branch_id=config.cache_branch_id)
@@ -52,7 +54,7 @@ class DeepCacheAttachment:
 
     def __init__(self, pipe, helper):
         if getattr(helper, "function_dict", None):  # filled by enable(), emptied by disable()
-            raise ValueError("deepcache: this DeepCacheSDHelper is already enabled; call its disable() first "
+            raise UserError("deepcache: this DeepCacheSDHelper is already enabled; call its disable() first "
                              "(T-GATE enables it for the gated calls and restarts it at the gate)")
         self.helper = helper
         self._unet = pipe.unet

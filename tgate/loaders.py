@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from types import MethodType
 
+from diffusion.errors import UserError
+
 from .config import TGateConfig
 from .deepcache import DeepCacheConfig, make_helper
 from .pipelines import PipelineGate, denoiser_of
@@ -35,7 +37,7 @@ def _check_loader_kwargs(loader: str, kwargs: dict) -> bool:
         raise TypeError(f"{loader}: unexpected argument(s) {unknown}; allowed: lcm")
     lcm = kwargs.get("lcm", False)
     if not isinstance(lcm, bool):
-        raise ValueError(f"{loader}: lcm={lcm!r}: must be True or False")
+        raise UserError(f"{loader}: lcm={lcm!r}: must be True or False")
     return lcm
 
 
@@ -43,7 +45,7 @@ def _install(pipe, loader: str, denoiser: str, branch: str, defaults: dict, lcm:
              deepcache: DeepCacheConfig | None = None):
     name, _ = denoiser_of(pipe)
     if name != denoiser:
-        raise ValueError(f"{loader} expects a pipeline with a `{denoiser}` (got {type(pipe).__name__}, "
+        raise UserError(f"{loader} expects a pipeline with a `{denoiser}` (got {type(pipe).__name__}, "
                          f"which has a `{name}`)")
     helper = make_helper(pipe, deepcache) if deepcache is not None else None
 

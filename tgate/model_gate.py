@@ -11,6 +11,7 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry
 
 from diffusion.attention import find_attention, is_joint_attention
+from diffusion.errors import UserError
 
 from .config import TGateConfig
 from .module_hook import AttentionGateHook
@@ -30,26 +31,26 @@ def gate_attention(model: nn.Module, config: TGateConfig, state: TGateState | No
     if state is None:
         state = TGateState(config)
     elif state.config != config:
-        raise ValueError(f"state was made for {state.config}, not {config}")
+        raise UserError(f"state was made for {state.config}, not {config}")
     if not config.cache_attention:
         return state  # guidance truncation alone: nothing to wrap
     found = list(find_attention(model))
     joint = [name for name, module in found if is_joint_attention(module)]
     if joint:
-        raise ValueError(f"tgate: {type(model).__name__} has joint attention (image and text tokens in one attention, "
+        raise UserError(f"tgate: {type(model).__name__} has joint attention (image and text tokens in one attention, "
                          f"e.g. {joint[0]!r}; {len(joint)} such modules), which is neither T-GATE's cross- nor its "
                          f"self-attention, so no caching rule applies; use guidance truncation alone: "
                          f"TGateConfig(cache_attention=False, branch='cond') (configs: accel=tgate_sd3), or accel=none")
     if not found:
-        raise ValueError(f"tgate: {type(model).__name__} has no attention module marked with is_cross_attention")
+        raise UserError(f"tgate: {type(model).__name__} has no attention module marked with is_cross_attention")
     for name, module in found:
         if getattr(module, "residual_connection", False):
             # its output includes the residual, so a cached output would replay a stale input
-            raise ValueError(f"tgate: attention module {name!r} adds its own residual; only modules whose output "
+            raise UserError(f"tgate: attention module {name!r} adds its own residual; only modules whose output "
                              "is the attention branch alone can be gated")
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-            raise ValueError(f"tgate is already applied to {name!r}; remove_tgate first")
+            raise UserError(f"tgate is already applied to {name!r}; remove_tgate first")
     for name, module in found:
         registry = HookRegistry.check_if_exists_or_initialize(module)
         hook = AttentionGateHook(state, name or type(module).__name__, cross=module.is_cross_attention)

@@ -33,6 +33,7 @@ import warnings
 
 import torch.nn as nn
 
+from diffusion.errors import UserError
 from diffusion.feature_refresh import refresh_feature_caches
 from diffusion.pipeline_steps import PipelineSteps
 
@@ -60,7 +61,7 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
         module = getattr(pipe, name, None)
         if isinstance(module, nn.Module):
             return name, module
-    raise ValueError(f"tgate: {type(pipe).__name__} has neither a `unet` nor a `transformer` module to gate")
+    raise UserError(f"tgate: {type(pipe).__name__} has neither a `unet` nor a `transformer` module to gate")
 
 
 def gate_of(pipe) -> PipelineGate | None:
@@ -110,12 +111,12 @@ class PipelineGate:
         if deepcache is not None and not isinstance(deepcache, DeepCacheConfig):
             raise TypeError(f"tgate: deepcache must be a DeepCacheConfig or None, got {type(deepcache).__name__}")
         if gate_of(pipe) is not None:
-            raise ValueError(f"tgate is already applied to this {type(pipe).__name__}; remove_tgate(pipe) first")
+            raise UserError(f"tgate is already applied to this {type(pipe).__name__}; remove_tgate(pipe) first")
         self.pipe = pipe
         self.config = config
         self.denoiser_name, self.denoiser = denoiser_of(pipe)
         if "guidance_embeds" in (getattr(self.denoiser, "config", None) or {}):
-            raise ValueError(f"tgate: {type(pipe).__name__}'s {type(self.denoiser).__name__} takes the guidance scale "
+            raise UserError(f"tgate: {type(pipe).__name__}'s {type(self.denoiser).__name__} takes the guidance scale "
                              "as an input (guidance-distilled, as FLUX.1): its pipeline runs no CFG batch, so there is no "
                              "guidance to truncate, and its joint attention has no T-GATE caching rule")
         self.state = TGateState(config)
@@ -124,7 +125,7 @@ class PipelineGate:
                           "conditional branch after the gate (TGateConfig(branch='cond'), as TgateSVDLoader does)",
                           stacklevel=3)
         if deepcache is not None and helper is not None:
-            raise ValueError("tgate: give deepcache settings or a DeepCache helper, not both")
+            raise UserError("tgate: give deepcache settings or a DeepCache helper, not both")
         if deepcache is not None:
             helper = make_helper(pipe, deepcache)
 
@@ -167,7 +168,7 @@ class PipelineGate:
             late = [i for i in _skip_layer_guidance_steps(arguments) if i >= self.config.gate_step]
             scale = arguments.get("guidance_scale")
             if late and isinstance(scale, (int, float)) and scale > 1:  # SD3 runs it with guidance only
-                raise ValueError(f"tgate: skip-layer guidance would run at steps {late}, at or after gate_step="
+                raise UserError(f"tgate: skip-layer guidance would run at steps {late}, at or after gate_step="
                                  f"{self.config.gate_step}, where guidance has stopped; end it before the gate "
                                  f"(skip_layer_guidance_stop <= {self.config.gate_step}/num_inference_steps) or "
                                  "drop skip_guidance_layers")

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from diffusion.errors import UserError
+
 
 class Action(str, Enum):
     """What one attention module does at one step."""
@@ -52,9 +54,9 @@ def check_schedule(gate_step, sp_interval, fi_interval, warm_up, lcm=False) -> N
     for key, value, low in (("gate_step", gate_step, 1), ("sp_interval", sp_interval, 1),
                             ("fi_interval", fi_interval, 1), ("warm_up", warm_up, 0)):
         if not _is_int(value) or value < low:
-            raise ValueError(f"tgate {key}={value!r}: must be an integer >= {low}")
+            raise UserError(f"tgate {key}={value!r}: must be an integer >= {low}")
     if not isinstance(lcm, bool):
-        raise ValueError(f"tgate lcm={lcm!r}: must be true or false")
+        raise UserError(f"tgate lcm={lcm!r}: must be true or false")
 
 
 def gate_actions(s: int, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int,
@@ -62,7 +64,7 @@ def gate_actions(s: int, gate_step: int, sp_interval: int, fi_interval: int, war
     """The actions of step `s` (0-based); see the module docstring for the table."""
     check_schedule(gate_step, sp_interval, fi_interval, warm_up, lcm)
     if not _is_int(s) or s < 0:
-        raise ValueError(f"step s={s!r}: must be an integer >= 0")
+        raise UserError(f"step s={s!r}: must be an integer >= 0")
     mean = Action.CACHE if lcm else Action.CACHE_CFG_MEAN
     guidance = s < gate_step and not lcm
     if s < gate_step - 1:  # semantics-planning phase: text still attended to

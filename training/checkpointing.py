@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoint_files import check_finite, read_torch_file
+from diffusion.errors import UserError
 from diffusion.outputs import atomic_write_bytes
 
 
@@ -47,7 +48,7 @@ def load_train_state(path: str | Path) -> dict:
     state = read_torch_file(path)
     missing = [k for k in ("model", "ema", "opt", "step") if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{path}: cannot resume from it, it lacks {missing} (an export or a release "
+        raise UserError(f"{path}: cannot resume from it, it lacks {missing} (an export or a release "
                          "holds weights only; resume needs a checkpoints/<step>.pt of scripts/train.py)")
     check_finite({k: state[k] for k in ("model", "ema", "opt")}, path)
     return state

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion.errors import UserError
 from diffusion.solvers import NoiseSchedule
 
 
@@ -119,7 +120,7 @@ class DiffusionLoss:
         if not self.learn_sigma:
             return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
         if out.shape[1] != 2 * c:
-            raise ValueError(f"learn_sigma: the model must return 2 x {c} channels, got {out.shape[1]}")
+            raise UserError(f"learn_sigma: the model must return 2 x {c} channels, got {out.shape[1]}")
         # eps detached: the bound must not pull the mean away from the MSE optimum
         vb = self.vb_bits(x0, x_t, t, eps.detach(), out[:, c:]) * (self.num_timesteps / 1000.0)
         return {"loss": mse + vb, "mse": mse, "vb": vb}

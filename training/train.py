@@ -23,16 +23,24 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffusion.checkpoint_files import checkpoint_setting
-from training.checkpointing import checkpoint_name, export_state, latest_checkpoint, load_train_state, save_checkpoint, train_state
 from data.datasets import StepBatchSampler
-from runs.folder_lock import claim_folder
-from training.ema import ema_decay_at, make_ema, update_ema
-from training.losses import DiffusionLoss
+from diffusion.checkpoint_files import checkpoint_setting
+from diffusion.errors import MissingFileError, UserError
 from diffusion.outputs import save_json
-from runs.run import build_denoiser, call_target, cpu_threads, resolve_device
 from diffusion.solvers import NoiseSchedule
 from diffusion.vae import load_first_stage
+from runs.folder_lock import claim_folder
+from runs.run import build_denoiser, call_target, cpu_threads, resolve_device
+from training.checkpointing import (
+    checkpoint_name,
+    export_state,
+    latest_checkpoint,
+    load_train_state,
+    save_checkpoint,
+    train_state,
+)
+from training.ema import ema_decay_at, make_ema, update_ema
+from training.losses import DiffusionLoss
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +54,11 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("steps", "batch_size", "ckpt_every", "log_every"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+            raise UserError(f"{key}={value!r}: must be an integer >= 1")
     if not 0.0 <= float(cfg.ema_decay) < 1.0:
-        raise ValueError(f"ema_decay={cfg.ema_decay}: must be in [0, 1)")
+        raise UserError(f"ema_decay={cfg.ema_decay}: must be in [0, 1)")
     if not float(cfg.lr) > 0:
-        raise ValueError(f"lr={cfg.lr}: must be > 0")
+        raise UserError(f"lr={cfg.lr}: must be > 0")
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> Path | None:
@@ -64,7 +72,7 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> Path | None:
         return found
     path = Path(str(cfg.resume)).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
+        raise MissingFileError(f"resume={cfg.resume!r}: no such checkpoint file")
     return path
 
 
@@ -108,19 +116,19 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
     dataset = call_target(cfg.data)
     image_size = int(cfg.model.image_size)
     if dataset.image_size != image_size:
-        raise ValueError(f"the data set makes {dataset.image_size}px images, model.image_size={image_size}")
+        raise UserError(f"the data set makes {dataset.image_size}px images, model.image_size={image_size}")
     if dataset.num_classes != cfg.model.num_classes:
-        raise ValueError(f"the data set has {dataset.num_classes} classes, model.num_classes={cfg.model.num_classes}")
+        raise UserError(f"the data set has {dataset.num_classes} classes, model.num_classes={cfg.model.num_classes}")
     encoder = Encoder(cfg.vae, device)
     factor = encoder.stage.factor
     channels = dataset.channels if encoder.stage.vae is None else encoder.stage.latent_channels
     if image_size % factor:
-        raise ValueError(f"model.image_size={image_size} must be a multiple of the VAE's factor {factor}")
+        raise UserError(f"model.image_size={image_size} must be a multiple of the VAE's factor {factor}")
 
     torch.manual_seed(int(cfg.seed))  # the initial weights
     model = build_denoiser(cfg.model, image_size // factor, pretrained=False, device=device, keep_zero_init=True).train()
     if getattr(model, "in_channels", channels) != channels:
-        raise ValueError(f"the model takes {model.in_channels} channels, the data (after the VAE) has {channels}")
+        raise UserError(f"the model takes {model.in_channels} channels, the data (after the VAE) has {channels}")
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     loss_fn = DiffusionLoss(NoiseSchedule(**cfg.schedule), learn_sigma=bool(cfg.model.get("learn_sigma", False)))

@@ -1,8 +1,14 @@
 """T-Stitch (Pan et al. 2024): small denoiser for the early steps, large for the rest."""
 from .compat import check_stitchable, describe
 from .hook import TStitchHook
-from .pipeline import (check_stitch_settings, get_tstitch_pipeline, get_tstitch_pipepline, is_stitched, stitch_pipeline,
-                       unstitch_pipeline)
+from .pipeline import (
+                       check_stitch_settings,
+                       get_tstitch_pipeline,
+                       get_tstitch_pipepline,
+                       is_stitched,
+                       stitch_pipeline,
+                       unstitch_pipeline,
+)
 from .pipeline_compat import check_denoiser_pair
 from .rules import RULES, TIMESTEP_FORMS, check_rule, models_for_steps
 from .schedule import model_per_step, resolve_fractions, step_boundaries, steps_per_model

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from diffusion.errors import UserError
+
 
 def describe(model: nn.Module) -> dict:
     """What stitching needs to compare, read from a native DiT or a diffusers model config."""
@@ -36,4 +38,4 @@ def check_stitchable(models, names, learned_variance_solver: bool) -> None:
             what = {"in_channels": "latent channel counts", "latent_size": "latent sizes",
                     "num_classes": "class counts", "learn_sigma": "learned-variance outputs under DDPM"}[key]
             hint = " (use sampler=ddim, dpmpp_2m or euler, which use eps only)" if key == "learn_sigma" else ""
-            raise ValueError(f"these models cannot be stitched: different {what}: {values}{hint}")
+            raise UserError(f"these models cannot be stitched: different {what}: {values}{hint}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from diffusion.errors import UserError
+
 from .pipeline_compat import check_denoiser_pair
 from .rules import check_rule
 from .schedule import resolve_fractions
@@ -44,13 +46,13 @@ def _stitched_class(cls: type) -> type:
             """The pipeline's own call; `unet_s_ratio` / `ratio` (the small model's fraction) or
             `fractions` (one per model) apply to this call only, else the stitched default."""
             if unet_s_ratio is not None and ratio is not None and unet_s_ratio != ratio:
-                raise ValueError(f"unet_s_ratio={unet_s_ratio} and ratio={ratio}: give one")
+                raise UserError(f"unet_s_ratio={unet_s_ratio} and ratio={ratio}: give one")
             stitched = getattr(self, denoiser_name(self))
             r = ratio if ratio is not None else unet_s_ratio
             call_fractions = None
             if r is not None or fractions is not None:
                 if fractions is None and len(stitched.models) != 2:
-                    raise ValueError(f"ratio={r} is the two-model shorthand; this pipeline stitches "
+                    raise UserError(f"ratio={r} is the two-model shorthand; this pipeline stitches "
                                      f"{len(stitched.models)} models: give fractions=[...]")
                 call_fractions = resolve_fractions(r, fractions, num_models=len(stitched.models))
             with stitched.trajectory(self.scheduler, call_fractions, lcm=_is_lcm_pipeline(self)):
@@ -119,7 +121,7 @@ def load_denoiser(source, like: nn.Module, name: str, check=None, **kwargs) -> n
     if folder.is_dir() and not (folder / name).is_dir() and (folder / "config.json").is_file():
         return type(like).from_pretrained(str(source), **kwargs)  # a bare denoiser folder
     if folder.is_dir() and not (folder / name).is_dir():
-        raise ValueError(f"small model folder {source}: has neither a {name}/ subfolder nor a config.json")
+        raise UserError(f"small model folder {source}: has neither a {name}/ subfolder nor a config.json")
     kwargs.setdefault("subfolder", name)
     return type(like).from_pretrained(str(source), **kwargs)
 
@@ -149,7 +151,7 @@ def check_stitch_settings(small, ratio: float | None = 0.5, fractions=None, rule
     check_rule(rule, timestep_form)
     for source in sources:
         if isinstance(source, (str, Path)) and Path(source).is_absolute() and not Path(source).is_dir():
-            raise ValueError(f"small model {str(source)!r}: no such folder")
+            raise UserError(f"small model {str(source)!r}: no such folder")
 
 
 def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, rule: str = "index",
@@ -164,7 +166,7 @@ def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, rule
     Returns `pipe`, changed in place.
     """
     if is_stitched(pipe):
-        raise ValueError("this pipeline is stitched already: call tstitch.unstitch_pipeline(pipe) first")
+        raise UserError("this pipeline is stitched already: call tstitch.unstitch_pipeline(pipe) first")
     check_rule(rule, timestep_form)
     name = denoiser_name(pipe)
     large = getattr(pipe, name)
@@ -193,7 +195,7 @@ def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, rule
 def unstitch_pipeline(pipe):
     """Put the pipeline's own denoiser and class back; returns `pipe`."""
     if not is_stitched(pipe):
-        raise ValueError("this pipeline is not stitched")
+        raise UserError("this pipeline is not stitched")
     name = denoiser_name(pipe)
     stitched = getattr(pipe, name)
     object.__setattr__(pipe, name, stitched.large)
@@ -221,7 +223,7 @@ def get_tstitch_pipeline(large, small, ratio: float = 0.5, fractions=None, pipel
                               else diffusers.DiffusionPipeline)
         large = pipeline_class.from_pretrained(str(large), **from_pretrained_kwargs)
     elif from_pretrained_kwargs:
-        raise ValueError(f"{sorted(from_pretrained_kwargs)}: loading arguments need a hub id or folder as `large`")
+        raise UserError(f"{sorted(from_pretrained_kwargs)}: loading arguments need a hub id or folder as `large`")
     pipe = stitch_pipeline(large, small, ratio=ratio, fractions=fractions, rule=rule, timestep_form=timestep_form,
                            **(small_kwargs or {}))
     return pipe.to(device) if device is not None else pipe

@@ -10,6 +10,8 @@ A model that runs in its place must take the same inputs.
 """
 from __future__ import annotations
 
+from diffusion.errors import UserError
+
 # config key -> what it means, for the error message; compared when either model has it
 CHECKED_KEYS = {
     "in_channels": "latent channels",
@@ -88,21 +90,21 @@ def check_denoiser_pair(small, large, small_name: str = "small", large_name: str
         configs = [m if isinstance(m, dict) else dict(getattr(m, "config", None) or {}) for m in (small, large)]
         inputs = ", ".join(f"{key}={va!r} vs {vb!r}" for key, _, va, vb in _differences(*configs)
                            if va is not None and vb is not None)
-        raise ValueError(f"cannot stitch {small_name} into {large_name}: different denoiser classes: "
+        raise UserError(f"cannot stitch {small_name} into {large_name}: different denoiser classes: "
                          f"{small_name} is {_class_name(small)}, {large_name} is {_class_name(large)}"
                          + (f" (their inputs differ too: {inputs})" if inputs else ""))
     a, b = _config(small), _config(large)
     for key, what, va, vb in _differences(a, b)[:1]:
-        raise ValueError(f"cannot stitch {small_name} into {large_name}: different {what}: "
+        raise UserError(f"cannot stitch {small_name} into {large_name}: different {what}: "
                          f"{small_name} has {key}={va!r}, {large_name} has {key}={vb!r}")
     # LCM's guidance embedding: a model without it runs without it; two different widths cannot both take it
     ta, tb = a.get("time_cond_proj_dim"), b.get("time_cond_proj_dim")
     if ta is not None and tb is not None and ta != tb:
-        raise ValueError(f"cannot stitch {small_name} into {large_name}: different guidance-embedding widths: "
+        raise UserError(f"cannot stitch {small_name} into {large_name}: different guidance-embedding widths: "
                          f"{small_name} has time_cond_proj_dim={ta}, {large_name} has time_cond_proj_dim={tb}")
     if controlnet and "block_out_channels" in a:
         ra, rb = down_residual_channels(a), down_residual_channels(b)
         if ra != rb:
-            raise ValueError(f"cannot stitch {small_name} into {large_name} under a ControlNet: the ControlNet's "
+            raise UserError(f"cannot stitch {small_name} into {large_name} under a ControlNet: the ControlNet's "
                              f"residuals fit {large_name}'s blocks: {small_name} takes (down, mid) residual "
                              f"channels {ra}, {large_name} {rb}")

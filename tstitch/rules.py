@@ -27,6 +27,8 @@ from itertools import accumulate
 
 import torch
 
+from diffusion.errors import UserError
+
 from .schedule import model_per_step
 
 RULES = ("index", "timestep", "floor")
@@ -36,9 +38,9 @@ DIFFUSION_STEPS = 1000  # upstream divides the model timestep by the training ch
 
 def check_rule(rule: str, timestep_form: str = "dit") -> None:
     if rule not in RULES:
-        raise ValueError(f"tstitch rule={rule!r}: must be one of {', '.join(RULES)}")
+        raise UserError(f"tstitch rule={rule!r}: must be one of {', '.join(RULES)}")
     if timestep_form not in TIMESTEP_FORMS:
-        raise ValueError(f"tstitch timestep_form={timestep_form!r}: must be one of {', '.join(TIMESTEP_FORMS)} "
+        raise UserError(f"tstitch timestep_form={timestep_form!r}: must be one of {', '.join(TIMESTEP_FORMS)} "
                          "(dit: small while t/1000 >= 1 - r; ldm: strictly >)")
 
 
@@ -84,7 +86,7 @@ def models_for_steps(fractions: list[float], num_steps: int, rule: str = "index"
     if rule == "floor":
         return [_floor(fractions, i, num_steps, lcm) for i in range(num_steps)]
     if timesteps is None or len(timesteps) < num_steps or any(t is None for t in list(timesteps)[:num_steps]):
-        raise ValueError(f"tstitch rule=timestep needs the model timestep of each of the {num_steps} steps; they "
+        raise UserError(f"tstitch rule=timestep needs the model timestep of each of the {num_steps} steps; they "
                          "are not known here (e.g. scripts/count_macs.py with sampler=pipeline does not build the "
                          "pipeline's scheduler): use rule=index or rule=floor, or a native sampler")
     pick = _timestep_dit if timestep_form == "dit" else _timestep_ldm

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from itertools import accumulate
 
+from diffusion.errors import UserError
+
 TOLERANCE = 1e-6  # fractions read from configs, e.g. 0.4 + 0.2 + 0.4, need not sum to 1 exactly
 
 
@@ -25,20 +27,20 @@ def resolve_fractions(ratio: float | None = None, fractions=None, num_models: in
     if fractions is not None:
         fractions = list(fractions)
         if len(fractions) < 2:
-            raise ValueError(f"fractions={fractions}: stitching needs at least two models")
+            raise UserError(f"fractions={fractions}: stitching needs at least two models")
     elif ratio is not None:
         if not _is_number(ratio) or not 0 <= ratio <= 1:
-            raise ValueError(f"ratio={ratio!r}: the small model's fraction must be a number in [0, 1]")
+            raise UserError(f"ratio={ratio!r}: the small model's fraction must be a number in [0, 1]")
         fractions = [float(ratio), 1.0 - float(ratio)]
     else:
-        raise ValueError("give either ratio (two models) or fractions (one per model)")
+        raise UserError("give either ratio (two models) or fractions (one per model)")
     bad = [f for f in fractions if not _is_number(f) or not 0 <= f <= 1]
     if bad:
-        raise ValueError(f"fractions={fractions}: each fraction must be a number in [0, 1] (bad: {bad})")
+        raise UserError(f"fractions={fractions}: each fraction must be a number in [0, 1] (bad: {bad})")
     if abs(sum(fractions) - 1) > TOLERANCE:
-        raise ValueError(f"fractions={fractions} sum to {sum(fractions):.6g}; they must sum to 1")
+        raise UserError(f"fractions={fractions} sum to {sum(fractions):.6g}; they must sum to 1")
     if num_models is not None and len(fractions) != num_models:
-        raise ValueError(f"{len(fractions)} fractions {fractions} for {num_models} models: give one fraction per model")
+        raise UserError(f"{len(fractions)} fractions {fractions} for {num_models} models: give one fraction per model")
     return [float(f) for f in fractions]
 
 

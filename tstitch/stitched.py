@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from diffusion.errors import UserError
 from diffusion.pipeline_steps import PipelineSteps, StepCall, first_entry_of_step
 
 from .rules import check_rule, models_for_steps
@@ -90,7 +91,7 @@ class StitchedDenoiser(nn.Module):
         super().__init__()
         models = list(models)
         if len(models) < 2:
-            raise ValueError(f"a stitched denoiser needs at least two models, got {len(models)}")
+            raise UserError(f"a stitched denoiser needs at least two models, got {len(models)}")
         check_rule(rule, timestep_form)
         self.models = nn.ModuleList(models)
         self.fractions = resolve_fractions(ratio, fractions, num_models=len(models))

@@ -6,9 +6,10 @@ fraction and gate settings. Every point shares the base overrides, seeds and lab
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+from diffusion.errors import UserError
 from tgate import TGateConfig
 
 TECHNIQUES = ("baseline", "tstitch", "tgate", "combined")  # the keys of the accel-name mapping
@@ -47,7 +48,7 @@ class Point:
     def __post_init__(self):
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
                 or not 0.0 <= self.fraction <= 1.0:
-            raise ValueError(f"fraction={self.fraction!r}: must be a number in [0, 1]")
+            raise UserError(f"fraction={self.fraction!r}: must be a number in [0, 1]")
         object.__setattr__(self, "fraction", float(self.fraction))
 
     @property
@@ -101,13 +102,13 @@ def make_gate(spec, defaults: Mapping | None = None) -> Gate | None:
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
-        raise ValueError(f"T-GATE setting {spec!r}: must be null or a mapping with keys {GATE_KEYS}")
+        raise UserError(f"T-GATE setting {spec!r}: must be null or a mapping with keys {GATE_KEYS}")
     unknown = sorted(set(spec) - set(GATE_KEYS))
     if unknown:
-        raise ValueError(f"T-GATE setting {dict(spec)}: unknown keys {unknown}; allowed: {GATE_KEYS}")
+        raise UserError(f"T-GATE setting {dict(spec)}: unknown keys {unknown}; allowed: {GATE_KEYS}")
     merged = {**(defaults or {}), **spec}
     if "gate_step" not in merged:
-        raise ValueError(f"T-GATE setting {dict(spec)}: needs gate_step")
+        raise UserError(f"T-GATE setting {dict(spec)}: needs gate_step")
     return Gate(**{k: merged[k] for k in GATE_KEYS if k in merged})
 
 
@@ -115,18 +116,18 @@ def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None) 
     """The union of the grids (each {name (optional), fractions, gates}: every fraction with every gate),
     the large model alone first, then in grid order, each point once."""
     if isinstance(grids, Mapping) or not isinstance(grids, Sequence):
-        raise ValueError(f"grids: must be a list of {{name, fractions, gates}}, got {grids!r}")
+        raise UserError(f"grids: must be a list of {{name, fractions, gates}}, got {grids!r}")
     points = [BASELINE]
     for k, grid in enumerate(grids):
         name = grid.get("name", k) if isinstance(grid, Mapping) else k
         if not isinstance(grid, Mapping):
-            raise ValueError(f"grid {name!r}: must be a mapping {{name, fractions, gates}}, got {grid!r}")
+            raise UserError(f"grid {name!r}: must be a mapping {{name, fractions, gates}}, got {grid!r}")
         unknown = sorted(set(grid) - {"name", "fractions", "gates"})
         if unknown:
-            raise ValueError(f"grid {name!r}: unknown keys {unknown}; allowed: ['name', 'fractions', 'gates']")
+            raise UserError(f"grid {name!r}: unknown keys {unknown}; allowed: ['name', 'fractions', 'gates']")
         fractions, gates = list(grid.get("fractions", [0.0])), list(grid.get("gates", [None]))
         if not fractions or not gates:
-            raise ValueError(f"grid {name!r}: fractions and gates must not be empty (use [null] for no T-GATE)")
+            raise UserError(f"grid {name!r}: fractions and gates must not be empty (use [null] for no T-GATE)")
         for gate_spec in gates:
             gate = make_gate(gate_spec, gate_defaults)
             for fraction in fractions:

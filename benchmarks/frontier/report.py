@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffusion.errors import UserError
+
 from .pareto import pareto_front
 from .points import TECHNIQUE_NAMES
 
@@ -19,7 +21,7 @@ def agreement_stats(correct: Sequence[bool], baseline_correct: Sequence[bool]) -
     """accuracy, its standard error, and the paired difference to the baseline with its standard error."""
     c, b = np.asarray(correct, dtype=np.float64), np.asarray(baseline_correct, dtype=np.float64)
     if len(c) != len(b) or len(c) < 2:
-        raise ValueError(f"paired agreement needs the same samples (>= 2) in both: {len(c)} vs {len(b)}")
+        raise UserError(f"paired agreement needs the same samples (>= 2) in both: {len(c)} vs {len(b)}")
     n = len(c)
     diff = c - b
     return {

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.errors import UserError
 from diffusion.outputs import atomic_write_bytes, save_json
-from runs.run import build_hooks, check_config, model_configs, model_names, run_from_config
 from evaluation.digits import agreement_per_sample, evaluate_digits
+from runs.run import build_hooks, check_config, model_configs, model_names, run_from_config
 
 from .pareto import plot_frontier
 from .points import TECHNIQUES, Gate, Point, grid_points
@@ -42,19 +43,19 @@ def own_point(run_cfg: DictConfig) -> Point:
     """The point a composed sampling config runs (its T-Stitch fraction and T-GATE setting), e.g. +exp=digits_fast's."""
     hooks = set(run_cfg.accel.get("hooks") or {})
     if hooks - {"tstitch", "tgate"}:
-        raise ValueError(f"base_point: the base config's accel={run_cfg.accel.name} has hooks {sorted(hooks)}; "
+        raise UserError(f"base_point: the base config's accel={run_cfg.accel.name} has hooks {sorted(hooks)}; "
                          "a sweep point is a T-Stitch fraction and/or a T-GATE setting (hooks tstitch, tgate)")
     fraction = 0.0
     if "tstitch" in hooks:
         if run_cfg.accel.tstitch.get("fractions") is not None:
-            raise ValueError("base_point: the base config stitches several models (accel.tstitch.fractions); "
+            raise UserError("base_point: the base config stitches several models (accel.tstitch.fractions); "
                              "a sweep point has one small-model fraction")
         fraction = float(run_cfg.accel.tstitch.ratio)
     gate = None
     if "tgate" in hooks:
         tg = run_cfg.accel.tgate
         if tg.get("lcm"):
-            raise ValueError("base_point: the base config gates with lcm=true; sweep points run with guidance")
+            raise UserError("base_point: the base config gates with lcm=true; sweep points run with guidance")
         gate = Gate(int(tg.gate_step), int(tg.sp_interval), int(tg.fi_interval), int(tg.warm_up), str(tg.branch))
     return Point(fraction, gate)
 
@@ -71,7 +72,7 @@ def sweep_points(cfg: DictConfig, compose: Compose) -> tuple[list[Point], Point 
 def _int(cfg: DictConfig, key: str, low: int) -> int:
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{key}={value!r}: must be an integer >= {low}")
+        raise UserError(f"{key}={value!r}: must be an integer >= {low}")
     return value
 
 
@@ -80,7 +81,7 @@ def point_configs(cfg: DictConfig, points: list[Point], compose: Compose) -> dic
     accel = _plain(cfg.accel)
     missing = [t for t in TECHNIQUES if t not in (accel or {})]
     if missing:
-        raise ValueError(f"accel: needs an accel config name for each of {TECHNIQUES}; missing {missing}")
+        raise UserError(f"accel: needs an accel config name for each of {TECHNIQUES}; missing {missing}")
     shared = [*cfg.base, f"num_samples={_int(cfg, 'num_samples', 2)}", f"batch_size={_int(cfg, 'batch_size', 1)}",
               f"seed={cfg.seed}", f"device={cfg.device}", f"num_threads={cfg.num_threads}", "progress=false"]
     cfgs = {}
@@ -144,7 +145,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     out_dir = Path(out_dir)
     tolerance = cfg.tolerance
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance={tolerance!r}: must be a number in [0, 1) (agreement is a share)")
+        raise UserError(f"tolerance={tolerance!r}: must be a number in [0, 1) (agreement is a share)")
     timing = cfg.timing
     repeats = _int(cfg, "timing.repeats", 0)
     if repeats:

@@ -16,11 +16,20 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from runs.generate import generate
-from runs.run import build_denoiser, build_hooks, call_target, check_config, cpu_threads, model_configs
-from runs.run import model_names, resolve_device
+from diffusion.errors import UserError
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.vae import load_first_stage
+from runs.generate import generate
+from runs.run import (
+    build_denoiser,
+    build_hooks,
+    call_target,
+    check_config,
+    cpu_threads,
+    model_configs,
+    model_names,
+    resolve_device,
+)
 
 
 @dataclass
@@ -79,9 +88,9 @@ def time_round_robin(cfgs: Mapping[str, DictConfig], *, num_samples: int, batch_
 
     warmup rounds (not recorded) come first: the first calls of a process pay one-off set-up costs."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"timing repeats={repeats!r}: must be an integer >= 1")
+        raise UserError(f"timing repeats={repeats!r}: must be an integer >= 1")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"timing warmup={warmup!r}: must be an integer >= 0")
+        raise UserError(f"timing warmup={warmup!r}: must be an integer >= 0")
     times: dict[str, list[float]] = {key: [] for key in cfgs}
     runs: dict[str, TimedRun] = {}
     with cpu_threads(num_threads):
