@@ -5,15 +5,24 @@ import statistics
 
 import torch
 
+from diffusion.errors import UserError
 from diffusion.timing import time_sampling
 from tstitch.hook import TStitchHook
-from tstitch.schedule import steps_per_model
+from tstitch.schedule import resolve_fractions, steps_per_model
 
 
 def _time_once(models, solver, ratio, latent_shape, batch_size, cfg_scale, null_label, device, model_dtype) -> float:
     return time_sampling(models, solver, [TStitchHook(ratio=ratio)], latent_shape=latent_shape,
                          batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, device=device,
                          model_dtype=model_dtype)
+
+
+def check_ratios(ratios) -> list[float]:
+    """The bench's small-model fractions, each checked to lie in [0, 1] (before any model is built)."""
+    try:
+        return [float(resolve_fractions(r, None)[0]) for r in ratios]
+    except UserError as err:
+        raise UserError.setting("ratios", list(ratios), f"every ratio must be a number in [0, 1] ({err})") from None
 
 
 def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg_scale=1.5, null_label=1000,
@@ -25,7 +34,7 @@ def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg
     s * t(small only) + (1 - s) * t(large only), with s = round(r n) / n the small
     model's share of the n steps and both times measured here.
     """
-    ratios = sorted(set([0.0, 1.0, *ratios]))
+    ratios = sorted(set([0.0, 1.0, *check_ratios(ratios)]))
     models = [small, large]
     times = {r: [] for r in ratios}
     for _ in range(warmup):  # each model alone: first calls pay one-off kernel set-up

@@ -7,10 +7,13 @@ that was under way: a full disk, samples that came out NaN. Everything else keep
 
 `reports_errors` wraps a script's Hydra task function: in a single run it prints the line and
 exits; in a multirun it lets Hydra record the job as failed, so that the other jobs still run.
+HYDRA_FULL_ERROR=1 in the environment shows the traceback instead. runs/script.py builds the
+scripts' entry points on it.
 """
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -76,7 +79,7 @@ def reports_errors(task):
         try:
             return task(*args, **kwargs)
         except ReportedError as err:
-            if _in_multirun():
+            if _in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra reports it (traceback)
                 raise
             exit_with(err)
 

@@ -36,6 +36,7 @@ from diffusion.compile import CompileStats, compile_denoiser
 from diffusion.errors import UserError
 from diffusion.outputs import save_grid, save_json, save_npz, save_sample_pngs
 from diffusion.seeding import sample_generators
+from runs.config_keys import name_config_key
 from runs.generate import check_counts
 from runs.speed import Speed
 
@@ -92,7 +93,13 @@ def build_pipeline_accels(cfg: DictConfig) -> list[PipelineAccel]:
         raise UserError(f"accel={accel.name!r} acts on the native sampler (accel.hooks / accel.models) and has no "
                          f"accel.pipeline entry for diffusers pipelines; use e.g. accel=tstitch_pipeline, "
                          f"accel=tgate_sdxl, accel=tgate_pixart or accel=none")
-    return [PipelineAccel(name, node) for name, node in entries.items()]
+    built = []
+    for name, node in entries.items():
+        try:
+            built.append(PipelineAccel(name, node))
+        except UserError as err:  # `gate_step=...` -> `accel.tgate.gate_step=...`, the key the user sets
+            raise name_config_key(err, node) from None
+    return built
 
 
 def sample_inputs(cfg: DictConfig, root: Path | None = None) -> list:

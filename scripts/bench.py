@@ -12,23 +12,27 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from benchmarks.tstitch import format_table, time_ratios
+from benchmarks.tstitch import check_ratios, format_table, time_ratios
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.solvers import build_solver
 from dit import build_dit
 from runs.run import resolve_device
+from runs.script import hydra_errors, job_errors
 from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 
 
+@hydra_errors  # an unknown config or a bad override: one `error: ...` line, exit status 2
 @hydra.main(config_path="../configs", config_name="bench", version_base="1.3")
+@job_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     speed = Speed.from_config(cfg, device)
+    check_ratios(cfg.ratios)  # before the models are built
     latent = cfg.image_size // 8
     torch.manual_seed(0)
     small, large = (build_dit(name, input_size=latent) for name in (cfg.small, cfg.large))

@@ -12,17 +12,22 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deep_cache import DeepCacheHook
+from diffusion.errors import UserError
 from diffusion.outputs import save_json
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.timing import time_with_and_without
+from runs.config_keys import name_config_key
 from runs.count_macs import build_meta_denoiser, count_run
 from runs.run import build_denoiser, resolve_device
+from runs.script import hydra_errors, job_errors
 from runs.speed import Speed
 
 log = logging.getLogger(__name__)
 
 
+@hydra_errors  # an unknown config or a bad override: one `error: ...` line, exit status 2
 @hydra.main(config_path="../configs", config_name="bench_deep_cache", version_base="1.3")
+@job_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -31,6 +36,10 @@ def main(cfg: DictConfig) -> None:
     latent = int(cfg.model.unet.image_size)
     shape = (int(cfg.model.unet.in_channels), latent, latent)
     settings = OmegaConf.to_container(cfg.deep_cache)
+    try:
+        DeepCacheHook(**settings)  # checked before any model is built
+    except UserError as err:  # `cache_interval=0: ...` -> `deep_cache.cache_interval=0: ...`
+        raise name_config_key(err, cfg.deep_cache) from None
     solver = build_solver("ddim", cfg.steps, NoiseSchedule(**cfg.schedule), spacing="ldm")
 
     # all-ops MACs per image over the run, the hook acting on a meta copy (as scripts/count_macs.py)

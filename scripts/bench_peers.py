@@ -14,11 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from benchmarks.peers import build_rows, table, time_rows
 from diffusion.outputs import save_json
 from runs.run import resolve_device
+from runs.script import hydra_errors, job_errors
 
 log = logging.getLogger(__name__)
 
 
+@hydra_errors  # an unknown config or a bad override: one `error: ...` line, exit status 2
 @hydra.main(config_path="../configs", config_name="bench_peers", version_base="1.3")
+@job_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

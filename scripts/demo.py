@@ -5,7 +5,6 @@ fraction, T-GATE, sampler and steps; Generate shows the images, the sampling tim
 the speed-up against the large model alone, Sweep plots quality and time against the fraction.
 Needs the demo extra: pip install -e ".[demo]".
 """
-import argparse
 import logging
 import os
 import sys
@@ -15,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].split(":")[0])
+    from runs.script import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0].split(":")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (off by default)")
@@ -61,4 +62,6 @@ def check(pair: str, threads, work_dir) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runs.script import run_script
+
+    sys.exit(run_script(main))

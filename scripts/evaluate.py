@@ -13,15 +13,16 @@ For each run folder (one holding samples.npz; a multirun folder is searched one 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from diffusion.errors import UserError
 from diffusion.outputs import save_json
 from evaluation.digits import evaluate_digits
+from runs.script import ArgumentParser, run_script
 
 
 def run_folders(paths: list[str]) -> list[Path]:
@@ -80,7 +81,7 @@ def _fid(folders: list[Path], args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (with samples.npz) or multirun folders")
     parser.add_argument("--reference", help="FID reference: .npz (arr_0 uint8 NHWC and/or mu, sigma) or an image folder")
     parser.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's "
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     folders = run_folders(args.runs)
     if not folders:
-        print(f"no samples.npz in {args.runs} (nor one level down)", file=sys.stderr)
+        print(UserError(f"runs={' '.join(args.runs)}: no samples.npz in these folders (nor one level down); "
+                        "give run folders of scripts/sample.py or their multirun folders").line(), file=sys.stderr)
         return 2
     if args.reference:
         _fid(folders, args)
@@ -105,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -20,12 +20,14 @@ deterministic and is read from the first folder. Writes the figure (--out; defau
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from diffusion.errors import UserError
+from runs.script import ArgumentParser, run_script
 
 
 def _jobs(folder: Path) -> list[Path]:
@@ -196,7 +198,7 @@ def plot_tgate(rows: dict[str, dict], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", type=Path, help="multirun folders of one sweep (repeats allowed)")
     parser.add_argument("--kind", choices=["tstitch", "tgate"], default="tstitch",
                         help="tstitch: quality and time against the fraction; tgate: MACs / latency / FID table")
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     missing = [str(f) for f in args.sweeps if not _jobs(f)]
     if missing:
-        print(f"no jobs (*/metrics.json) in {', '.join(missing)}", file=sys.stderr)
+        print(UserError(f"sweeps={' '.join(missing)}: no jobs (*/metrics.json) there; give the multirun folders "
+                        "of one sweep").line(), file=sys.stderr)
         return 2
     if args.kind == "tstitch":
         rows = combine(args.sweeps)
@@ -226,4 +229,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from benchmarks.frontier import replot, run_frontier
+from runs.script import hydra_errors, job_errors
 
 
 def compose_sample(overrides: list[str]) -> DictConfig:
@@ -17,7 +18,9 @@ def compose_sample(overrides: list[str]) -> DictConfig:
     return compose(config_name="sample", overrides=overrides)
 
 
+@hydra_errors  # an unknown config or a bad override: one `error: ...` line, exit status 2
 @hydra.main(config_path="../configs", config_name="frontier", version_base="1.3")
+@job_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
     if cfg.replot:  # the figure again from the run folder's frontier.json
         print(f"figure: {replot(HydraConfig.get().runtime.output_dir, cfg.figure)}")

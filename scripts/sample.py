@@ -7,16 +7,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion.errors import reports_errors
 from runs.distributed import process_group, shared_output_dir
 from runs.folder_lock import claim_folder
 from runs.hydra_callbacks import run_folder_key
 from runs.logging_wandb import run_logger
 from runs.run import run_from_config
+from runs.script import hydra_errors, job_errors
 
 
+@hydra_errors  # an unknown config or a bad override: one `error: ...` line, exit status 2
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
-@reports_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
+@job_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
     with process_group(cfg.device) as dist:
         out_dir = shared_output_dir(dist, HydraConfig.get().runtime.output_dir)

@@ -1,0 +1,91 @@
+"""Every script's bad-input path: one `error: <key>=<value>: ...` line on stderr, exit status 2, no
+traceback (HYDRA_FULL_ERROR=1 brings the traceback back); bugs keep their traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from diffusion.errors import UserError
+from runs.config_keys import name_config_key
+from runs.script import composition_error, job_error
+
+from conftest import CONFIGS
+
+ROOT = CONFIGS.parent
+
+# script, its arguments with one bad value, the start of the line it must print
+CASES = {
+    "sample": (["+exp=digits_stitch_0.4", "accel.tstitch.ratio=1.5"], "error: accel.tstitch.ratio=1.5: "),
+    "sample_group": (["sampler=plms"], "error: sampler=plms: allowed: ddim, "),
+    "sample_override": (["sampler.steps=["], "error: sampler.steps=[: "),
+    "sample_unknown_key": (["+exp=digits_stitch_0.4", "sampler.stpes=5"], "error: sampler.stpes=5: the config has no key"),
+    "train": (["steps=0"], "error: steps=0: "),
+    "count_macs": (["model=dit_s2", "accel=tgate", "accel.tgate.gate_step=0"], "error: accel.tgate.gate_step=0: "),
+    "frontier": (["tolerance=2"], "error: tolerance=2: "),
+    "bench": (["ratios=[0.5,1.5]"], "error: ratios=[0.5, 1.5]: "),
+    "bench_tgate": (["tgate.gate_step=0"], "error: tgate.gate_step=0: "),
+    "bench_deep_cache": (["deep_cache.cache_interval=0"], "error: deep_cache.cache_interval=0: "),
+    "bench_peers": (["ratio=2"], "error: ratio=2: "),
+    "evaluate": (["--dims", "5", "somewhere"], "error: --dims=5: choose from 64, 192, 768, 2048"),
+    "evaluate_folders": (["{tmp}/nothing"], "error: runs={tmp}/nothing: no samples.npz"),
+    "figures": (["--kind", "foo", "x"], "error: --kind=foo: choose from"),
+    "figures_folders": (["{tmp}/nothing"], "error: sweeps={tmp}/nothing: no jobs"),
+    "demo": (["--port", "abc"], "error: --port=abc: must be of type int"),
+}
+HYDRA_SCRIPTS = {"sample", "train", "count_macs", "frontier", "bench", "bench_tgate", "bench_deep_cache", "bench_peers"}
+
+
+def _run(script, args, tmp_path, **env):
+    command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args]
+    if script in HYDRA_SCRIPTS:
+        command.append(f"hydra.run.dir={tmp_path / 'run'}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env})
+
+
+def test_every_script_has_a_case():
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    assert scripts == {case.split("_group")[0].split("_override")[0].split("_unknown")[0].split("_folders")[0]
+                       for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line_and_exit_status_2(case, tmp_path):
+    args, start = CASES[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    script = next(s for s in sorted({p.stem for p in (ROOT / "scripts").glob("*.py")}, key=len, reverse=True)
+                  if case == s or case.startswith(s + "_"))
+    proc = _run(script, args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(start.replace("{tmp}", str(tmp_path))), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["+exp=digits_stitch_0.4", "accel.tstitch.ratio=1.5"], ["sampler=plms"]])
+def test_hydra_full_error_shows_the_traceback(args, tmp_path):
+    proc = _run("sample", args, tmp_path, HYDRA_FULL_ERROR="1")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_bugs_are_not_turned_into_error_lines():
+    assert composition_error(RuntimeError("a bug")) is None and job_error(RuntimeError("a bug")) is None
+    assert job_error(KeyError("x")) is None and job_error(UserError("x=1: no")) is not None
+
+
+def test_an_argument_error_names_the_config_key_it_came_from():
+    cfg = OmegaConf.create({"accel": {"tstitch": {"ratio": 1.5}, "tgate": {"gate_step": 0},
+                                      "hooks": {"tstitch": {"_target_": "x", "ratio": "${accel.tstitch.ratio}"},
+                                                "tgate": {"_target_": "y", "gate_step": "${accel.tgate.gate_step}"}},
+                                      "pipeline": {"tgate": {"_target_": "z", "config": {"gate_step": 3}}}}})
+    err = name_config_key(UserError("ratio=1.5: must be in [0, 1]"), cfg.accel.hooks.tstitch)
+    assert str(err) == "accel.tstitch.ratio=1.5: must be in [0, 1]" and err.config_key == "accel.tstitch.ratio"
+    err = name_config_key(UserError("tgate gate_step=0: must be >= 1"), cfg.accel.hooks.tgate)
+    assert str(err) == "accel.tgate.gate_step=0: must be >= 1"
+    err = name_config_key(UserError("gate_step=3: too late"), cfg.accel.pipeline.tgate)  # nested, no interpolation
+    assert str(err) == "accel.pipeline.tgate.config.gate_step=3: too late"
+    err = name_config_key(UserError("steps=0: must be >= 1"), cfg.accel.hooks.tgate)  # not one of the node's keys
+    assert str(err) == "steps=0: must be >= 1" and err.config_key is None
