@@ -1,10 +1,9 @@
 """Timing gated sampling against plain sampling, next to the speed-up the MACs predict."""
 from __future__ import annotations
 
-import torch
 from omegaconf import OmegaConf
 
-from diffusion.timing import time_with_and_without
+from diffusion.timing import CPU, time_with_and_without
 from runs.count_macs import count_run
 from tgate.hook import TGateHook
 
@@ -23,7 +22,7 @@ def predicted_macs(meta_model, image_size: int, steps: int, use_cfg: bool, setti
 
 
 def time_gating(model, solver, settings: dict, *, latent_shape, batch_size=1, cfg_scale=4.0, null_label=1000,
-                repeats=3, warmup=1, device=torch.device("cpu"), model_dtype=None) -> dict:
+                repeats=3, warmup=1, device=CPU, model_dtype=None) -> dict:
     """Median sampling time plain and gated, timed alternately so that drift hits both."""
     times = time_with_and_without([model], solver, TGateHook(**settings), latent_shape=latent_shape,
                                   batch_size=batch_size, cfg_scale=cfg_scale, null_label=null_label, repeats=repeats,

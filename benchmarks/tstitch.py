@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 from diffusion.errors import UserError
-from diffusion.timing import time_sampling
+from diffusion.timing import CPU, time_sampling
 from tstitch.hook import TStitchHook
 from tstitch.schedule import resolve_fractions, steps_per_model
 
@@ -26,7 +24,7 @@ def check_ratios(ratios) -> list[float]:
 
 
 def time_ratios(small, large, solver, ratios, *, latent_shape, batch_size=1, cfg_scale=1.5, null_label=1000,
-                repeats=3, warmup=1, device=torch.device("cpu"), model_dtype=None) -> list[dict]:
+                repeats=3, warmup=1, device=CPU, model_dtype=None) -> list[dict]:
     """Median sampling time per small-model ratio, with the speed-ups it implies.
 
     Ratios are timed round-robin (repeat 1 of every ratio, then repeat 2, ...) so that a

@@ -141,7 +141,7 @@ class DeepCacheHook(Hook):
     def attach(self, models, names, solver) -> None:
         self.detach()
         unets = []
-        for model, name in zip(models, names):
+        for model, name in zip(models, names, strict=True):
             unet = find_unet(model)
             if unet is None:
                 unet = next(iter(find_diffusers_unets(model)), None)
@@ -185,7 +185,7 @@ class DeepCacheHook(Hook):
         return key, [c.snapshot() for c in self._caches]
 
     def restore_count_state(self, snapshot) -> None:
-        for cache, state in zip(self._caches, snapshot):
+        for cache, state in zip(self._caches, snapshot, strict=True):
             cache.restore(state)
 
 

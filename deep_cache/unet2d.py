@@ -87,7 +87,7 @@ def skipped_parts(unet: nn.Module, branch_id: int) -> list[tuple[str, nn.Module]
             parts.append((f"down_blocks.{i}", down))
         elif i == block:
             for kind in ("resnets", "attentions"):
-                parts += [(f"down_blocks.{i}.{kind}.{l}", m) for l, m in enumerate(_layers(down, kind)) if l >= layer]
+                parts += [(f"down_blocks.{i}.{kind}.{k}", m) for k, m in enumerate(_layers(down, kind)) if k >= layer]
             if len(_layers(down, "resnets")) >= layer:
                 parts += [(f"down_blocks.{i}.downsamplers.{k}", m) for k, m in enumerate(_layers(down, "downsamplers"))]
     if unet.mid_block is not None:
@@ -100,8 +100,8 @@ def skipped_parts(unet: nn.Module, branch_id: int) -> list[tuple[str, nn.Module]
         elif i == block:
             n = len(_layers(up, "resnets"))
             for kind in ("resnets", "attentions"):
-                parts += [(f"up_blocks.{j}.{kind}.{l}", m) for l, m in enumerate(_layers(up, kind))
-                          if n - 1 - l > layer]
+                parts += [(f"up_blocks.{j}.{kind}.{k}", m) for k, m in enumerate(_layers(up, kind))
+                          if n - 1 - k > layer]
     return parts
 
 
@@ -224,7 +224,7 @@ class UNet2DFeatureCache(ModelHook):
     def restore(self, snapshot) -> None:
         outputs, records, self.countdown = snapshot
         self.records = dict(records)
-        for replay, output in zip(self.replays, outputs):
+        for replay, output in zip(self.replays, outputs, strict=True):
             replay.outputs = dict(output)
 
 
@@ -261,6 +261,6 @@ def detach_unet2d_cache(unet: nn.Module) -> None:
     if cache is None:
         return
     cache.reset_state()
-    for name, part in cache.parts:
+    for _name, part in cache.parts:
         _unhook(part, PART_HOOK_NAME)
     _unhook(unet, HOOK_NAME)

@@ -41,6 +41,10 @@ step (**T-GATE**). **Generate** samples with your settings and reports the sampl
 MACs and the speed-up against the large model alone; **Sweep** runs a few fractions and plots
 quality and time against the fraction."""
 
+# the handlers' progress defaults (Gradio recognises a progress parameter by its gr.Progress default)
+GENERATE_PROGRESS = gr.Progress(track_tqdm=True)
+SWEEP_PROGRESS = gr.Progress(track_tqdm=True)
+
 
 def _status(message: str, ok: bool) -> str:
     css = "demo-ok" if ok else "demo-error"
@@ -71,7 +75,7 @@ class DemoApp:
             weights={"large": large, "small": small, "first_stage": first_stage}, random_weights=random_weights,
             precision=precision)
 
-    def generate(self, *values, progress=gr.Progress(track_tqdm=True)):
+    def generate(self, *values, progress=GENERATE_PROGRESS):
         """-> (status html, gallery items, summary markdown)."""
         try:
             settings = self.settings(*values)
@@ -87,7 +91,7 @@ class DemoApp:
                   f"({result.time_speedup:.2f}x against {result.large_name} alone).")
         return _status(status, ok=True), items, generate_summary(result)
 
-    def sweep(self, *values, progress=gr.Progress(track_tqdm=True)):
+    def sweep(self, *values, progress=SWEEP_PROGRESS):
         """values: the Generate inputs, then the sweep fractions text and images per fraction.
         -> (status html, figure, table markdown)."""
         *generate_values, fractions_text, sweep_samples = values
@@ -140,21 +144,25 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                                                  elem_id="random_weights")
                     precision = gr.Dropdown(list(PRECISIONS), value="auto", elem_id="precision",
                                             label="precision (auto: tf32 on CUDA, fp32 on CPU)")
-                fraction = gr.Slider(0, 1, value=pair.fraction, step=0.05, label="T-Stitch: fraction of steps on the small model",
-                                     elem_id="fraction")
+                fraction = gr.Slider(0, 1, value=pair.fraction, step=0.05,
+                                     label="T-Stitch: fraction of steps on the small model", elem_id="fraction")
                 with gr.Group():
                     tgate = gr.Checkbox(False, label="T-GATE (cached attention, guidance stops at the gate step)",
                                         elem_id="tgate")
                     with gr.Row():
                         gate_step = gr.Number(pair.gate_step, label="gate step", precision=0, elem_id="gate_step")
-                        sp_interval = gr.Number(pair.sp_interval, label="sp_interval", precision=0, elem_id="sp_interval")
-                        fi_interval = gr.Number(pair.fi_interval, label="fi_interval", precision=0, elem_id="fi_interval")
+                        sp_interval = gr.Number(pair.sp_interval, label="sp_interval", precision=0,
+                                                elem_id="sp_interval")
+                        fi_interval = gr.Number(pair.fi_interval, label="fi_interval", precision=0,
+                                                elem_id="fi_interval")
                         warm_up = gr.Number(pair.warm_up, label="warm_up", precision=0, elem_id="warm_up")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS + PIPELINE_SAMPLERS), value=pair.sampler, label="sampler", elem_id="sampler")
+                    sampler = gr.Dropdown(list(SAMPLERS + PIPELINE_SAMPLERS), value=pair.sampler, label="sampler",
+                                          elem_id="sampler")
                     steps = gr.Number(pair.steps, label="steps", precision=0, elem_id="steps")
                     cfg_scale = gr.Number(pair.cfg_scale, label="guidance scale", elem_id="cfg_scale")
-                labels = gr.Textbox(pair.labels, label="class labels (comma-separated, used cyclically)", elem_id="labels")
+                labels = gr.Textbox(pair.labels, label="class labels (comma-separated, used cyclically)",
+                                    elem_id="labels")
                 prompt = gr.Textbox(pair.prompt, label="prompt", visible=pair.conditioning == "text", elem_id="prompt")
                 with gr.Row():
                     seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
@@ -162,7 +170,8 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("fraction sweep", open=True):
                     with gr.Row():
-                        sweep_fractions = gr.Textbox("0, 0.2, 0.4, 0.6, 0.8, 1", label="fractions", elem_id="sweep_fractions")
+                        sweep_fractions = gr.Textbox("0, 0.2, 0.4, 0.6, 0.8, 1", label="fractions",
+                                                     elem_id="sweep_fractions")
                         sweep_samples = gr.Number(50, label="images per fraction", precision=0, elem_id="sweep_samples")
                     sweep_button = gr.Button("Sweep fractions", elem_id="sweep")
             with gr.Column(scale=3):

@@ -175,7 +175,8 @@ class DemoBackend:
         large_name = list(result.metrics["steps_per_model"])[-1]   # run order: the small model(s), then the large
         return GenerateResult(result, self._large_alone[reference], large_name)
 
-    def sweep(self, settings: Settings, fractions, num_samples: int, progress: Progress | None = None) -> list[SweepPoint]:
+    def sweep(self, settings: Settings, fractions, num_samples: int,
+              progress: Progress | None = None) -> list[SweepPoint]:
         """One run per small-model fraction with the other settings fixed; digits quality where the pair has it."""
         progress = progress or (lambda share, what: None)
         if not fractions:

@@ -13,7 +13,7 @@ def gallery_items(images: np.ndarray, labels: np.ndarray, show_labels: bool) -> 
     """(N, H, W, 3) uint8 -> [(PIL image, caption)], small images enlarged by a whole factor."""
     factor = max(1, -(-MIN_DISPLAY_SIDE // images.shape[1]))
     items = []
-    for k, (image, label) in enumerate(zip(images, labels)):
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
         picture = Image.fromarray(image)
         if factor > 1:
             picture = picture.resize((image.shape[1] * factor, image.shape[0] * factor), Image.NEAREST)
@@ -36,7 +36,8 @@ def generate_summary(result: GenerateResult) -> str:
     accel = m.get("accel", "")
     return "\n".join([
         f"**Sampling time: {run.sampling_seconds:.2f} s** for {m['num_images']} images "
-        f"({m['images_per_second']:.1f} images/s; the whole click {run.wall_seconds:.1f} s with loading and MACs counting)",
+        f"({m['images_per_second']:.1f} images/s; "
+        f"the whole click {run.wall_seconds:.1f} s with loading and MACs counting)",
         "",
         f"- steps per model: {steps} of {m['steps']} ({m['sampler']}, guidance {m['cfg_scale']:g}, accel `{accel}`)",
         f"- denoiser MACs per image: **{format_macs(run.macs_per_image)}** "
@@ -54,7 +55,8 @@ def sweep_table(points: list[SweepPoint]) -> str:
         steps = " / ".join(str(n) for n in p.steps_per_model.values())
         acc = f"{p.accuracy:.3f}" if p.accuracy is not None else "-"
         speed = f"{base.sampling_seconds / max(p.sampling_seconds, 1e-9):.2f}x" if base else "-"
-        lines.append(f"| {p.fraction:g} | {steps} | {acc} | {p.sampling_seconds:.2f} | {format_macs(p.macs_per_image)} | {speed} |")
+        lines.append(f"| {p.fraction:g} | {steps} | {acc} | {p.sampling_seconds:.2f} "
+                     f"| {format_macs(p.macs_per_image)} | {speed} |")
     return "\n".join(lines)
 
 

@@ -70,14 +70,16 @@ class Settings:
                     f"accel.tgate.warm_up={self.warm_up}", f"accel.tgate.branch={pair.tgate_branch}"]
         out += [f"accel.tstitch.ratio={self.fraction!r}", f"sampler={self.sampler}",
                 f"sampler.steps={self.steps}", f"sampler.cfg_scale={self.cfg_scale!r}",
-                f"seed={self.seed}", f"num_samples={self.num_samples}", f"batch_size={min(self.num_samples, pair.max_batch)}",
+                f"seed={self.seed}", f"num_samples={self.num_samples}",
+                f"batch_size={min(self.num_samples, pair.max_batch)}",
                 f"pretrained={str(not self.random_weights).lower()}", f"precision={self.precision}", "progress=true"]
         return out
 
 
 def check_number(name: str, value, *, whole: bool, low: float, high: float | None = None) -> float | int:
     """A finite number in [low, high] (whole if asked); blank and text are errors that name the field."""
-    allowed = f"{'a whole number' if whole else 'a number'} >= {low:g}" + (f" and <= {high:g}" if high is not None else "")
+    allowed = (f"{'a whole number' if whole else 'a number'} >= {low:g}"
+               + (f" and <= {high:g}" if high is not None else ""))
     if value is None or (isinstance(value, str) and not value.strip()):
         raise SettingsError(f"{name} is empty: give {allowed}")
     try:
@@ -141,7 +143,8 @@ def parse_settings(pair: str, *, fraction, sampler, steps, cfg_scale, seed, num_
         seed=check_number("seed", seed, whole=True, low=0),
         num_samples=check_number("number of images", num_samples, whole=True, low=1, high=MAX_SAMPLES),
         labels=None if text_pair else parse_labels(labels, model_pair.num_classes),
-        prompt=prompt.strip().replace("${", "\\${") if text_pair else None,   # literal text, not an OmegaConf interpolation
+        # literal text, not an OmegaConf interpolation
+        prompt=prompt.strip().replace("${", "\\${") if text_pair else None,
         tgate=bool(tgate),
         gate_step=check_number("T-GATE gate step", gate_step, whole=True, low=1),
         sp_interval=check_number("T-GATE sp_interval", sp_interval, whole=True, low=1),

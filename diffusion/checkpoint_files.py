@@ -25,7 +25,8 @@ from .errors import UserError
 from .finite import first_nonfinite
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
-LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # the pickled magic number of torch's old format
+# the pickled magic number of torch's old format
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 AGAIN = "copy, download or write it again"
 
 
@@ -90,7 +91,8 @@ def read_torch_file(path: str | Path, safe_globals=(), mmap: bool = False):
                                         "the state dict alone (tensors) from a trusted copy") from None
         raise CheckpointError(path, f"damaged: its pickled data cannot be read; {AGAIN}") from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(path, f"damaged or truncated ({size} bytes; torch: {_first_line(err)}); {AGAIN}") from None
+        raise CheckpointError(path, f"damaged or truncated ({size} bytes; torch: {_first_line(err)}); "
+                                    f"{AGAIN}") from None
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -78,7 +78,7 @@ def count_sampling_macs(
                tuple(h.count_state()[0] for h in stateful))
         if key in memo:
             macs, after = memo[key]
-            for hook, snapshot in zip(stateful, after):
+            for hook, snapshot in zip(stateful, after, strict=True):
                 hook.restore_count_state(snapshot)
         else:
             macs = count_step(ctx, rows)

@@ -68,7 +68,7 @@ def sample_filename(index: int) -> str:
 
 def save_sample_pngs(images: np.ndarray, indices, out_dir: str | Path) -> None:
     """images (B, H, W, 3) uint8 -> out_dir/{global index:06d}.png."""
-    for image, k in zip(images, indices):
+    for image, k in zip(images, indices, strict=False):
         atomic_write_bytes(Path(out_dir) / sample_filename(k), _png_bytes(image))
 
 

@@ -29,7 +29,8 @@ class SampleResult:
 
 
 def check_cfg_scale(cfg_scale) -> float:
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+    if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale)
+            or cfg_scale < 0):
         raise UserError(f"cfg_scale={cfg_scale!r}: must be a finite number >= 0 (1 = no guidance)")
     return float(cfg_scale)
 

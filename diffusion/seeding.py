@@ -16,7 +16,8 @@ def sample_generators(seed: int, indices, device: torch.device | str) -> list[to
     return [torch.Generator(device=device).manual_seed(int(seed) + int(k)) for k in indices]
 
 
-def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], device,
+                  dtype=torch.float32) -> torch.Tensor:
     """(B, *shape) standard normal noise, row k drawn from generators[k]."""
     rows = [torch.randn((1, *shape), generator=g, device=device, dtype=dtype) for g in generators]
     return torch.cat(rows)

@@ -9,6 +9,8 @@ import torch
 from .sampler import sample
 from .seeding import initial_noise, sample_generators
 
+CPU = torch.device("cpu")  # the default device of the timing functions
+
 
 def time_sampling(models, solver, hooks, *, latent_shape, batch_size, cfg_scale, null_label, device,
                   model_dtype=None) -> float:
@@ -28,7 +30,7 @@ def time_sampling(models, solver, hooks, *, latent_shape, batch_size, cfg_scale,
 
 
 def time_with_and_without(models, solver, hook, *, latent_shape, batch_size=1, cfg_scale=4.0, null_label=1000,
-                          repeats=3, warmup=1, device=torch.device("cpu"), model_dtype=None) -> dict:
+                          repeats=3, warmup=1, device=CPU, model_dtype=None) -> dict:
     """Median sampling time without and with `hook` (attached to `models` only for its runs),
     timed alternately so that drift on a noisy machine hits both. Returns
     {"baseline": s, "hooked": s, "runs": {...}}."""

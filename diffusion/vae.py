@@ -42,7 +42,8 @@ def load_vae(source: str, *, pretrained: bool = True, arch: dict | None = None) 
             raise VAENotFoundError(f"VAE folder {str(path)!r} is not a diffusers AutoencoderKL folder "
                                    f"(config.json + weights): {err}") from err
     if path.suffix or path.is_absolute() or str(source).count("/") != 1:
-        raise VAENotFoundError(f"VAE {source!r} is neither an existing folder nor a hub id like 'stabilityai/sd-vae-ft-ema'")
+        raise VAENotFoundError(f"VAE {source!r} is neither an existing folder "
+                               "nor a hub id like 'stabilityai/sd-vae-ft-ema'")
     try:
         return AutoencoderKL.from_pretrained(str(source)).eval()
     except (OSError, ValueError) as err:

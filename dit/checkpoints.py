@@ -111,7 +111,8 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     path = Path(path)
     if path.is_dir():
         if not is_diffusers_folder(path):
-            raise CheckpointNotFoundError(f"{path} is a folder but not a diffusers DiT folder (no config.json + weights)")
+            raise CheckpointNotFoundError(f"{path} is a folder but not a diffusers DiT folder "
+                                          "(no config.json + weights)")
         state_dict, config = load_diffusers_dit(path)
         check_finite(state_dict, path)
         return diffusers_to_official(state_dict, config)
@@ -121,7 +122,8 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     elif isinstance(obj, dict) and "model" in obj:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a state dict of tensors (or a dict with 'ema'/'model'), "
+                        f"got {type(obj).__name__}")
     check_finite(obj, path)
     return obj
 

@@ -11,9 +11,10 @@ Both are fixed, so numbers compare between runs and machines:
   machine on the 64 intensities), fitted (deterministically, libsvm) on all 1,797 real
   digits of `load_digits`. It never sees a generated sample or anything from the generator:
   it is fitted from the real data alone, with settings fixed by scikit-learn's example, the
-  same for every run, so it cannot be tuned to (or co-trained with) the models it judges. Accuracy = share of samples whose predicted
-  class is the class they were generated for. A second, training-free opinion: a 5-nearest-
-  neighbour vote among the real digits (`knn_accuracy`).
+  same for every run, so it cannot be tuned to (or co-trained with) the models it judges.
+  Accuracy = share of samples whose predicted class is the class they were generated for.
+  A second, training-free opinion: a 5-nearest-neighbour vote among the real digits
+  (`knn_accuracy`).
 * Fréchet distance: between Gaussians fitted to the features of the samples and of all
   1,797 real digits (FID's formula in this 64-d space). It depends on the sample count N
   (small N inflates it), so each result also carries `frechet_real_floor`: the same distance

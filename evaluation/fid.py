@@ -79,7 +79,8 @@ def check_reference(path, key: str = "reference") -> None:
     if p.is_dir():
         first = next((q for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES), None)
         if first is None:
-            raise UserError.setting(key, path, f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))}); {allowed}")
+            raise UserError.setting(key, path,
+                                    f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))}); {allowed}")
         try:
             with Image.open(first) as image:
                 image.load()

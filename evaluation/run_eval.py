@@ -35,7 +35,8 @@ def check_evaluate_settings(settings, prefix: str = "evaluate.") -> None:
     check_reference(get("reference"), prefix + "reference")
     dims = get("dims", 2048)
     if dims not in DIMS_TO_BLOCK:
-        raise UserError.setting(prefix + "dims", dims, f"allowed are {sorted(DIMS_TO_BLOCK)} (pytorch-fid's feature sizes)")
+        raise UserError.setting(prefix + "dims", dims,
+                                f"allowed are {sorted(DIMS_TO_BLOCK)} (pytorch-fid's feature sizes)")
     for key in ("batch_size", "nearest_k"):
         value = get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -46,7 +47,8 @@ def check_evaluate_settings(settings, prefix: str = "evaluate.") -> None:
     check_inception_weights(get("inception_weights"), prefix + "inception_weights")
 
 
-def evaluate_into_run(run_dir: str | Path, settings, device: str | None = "auto", net: InceptionFeatures | None = None) -> dict:
+def evaluate_into_run(run_dir: str | Path, settings, device: str | None = "auto",
+                      net: InceptionFeatures | None = None) -> dict:
     """settings: reference, inception_weights, dims, batch_size, nearest_k (configs/sample.yaml's
     `evaluate`). Returns the run's metrics.json with the results added (keys fid, inception_score,
     precision, recall, ...)."""

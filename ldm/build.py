@@ -29,7 +29,8 @@ from .first_stage import (
 
 # where the public CompVis checkpoints live (downloads are left to the user: they are large)
 KNOWN_CHECKPOINTS = {
-    "LDM-cin256-v2": "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt (with configs/latent-diffusion/cin256-v2.yaml)",
+    "LDM-cin256-v2": "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt "
+                     "(with configs/latent-diffusion/cin256-v2.yaml)",
 }
 
 

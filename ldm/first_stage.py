@@ -185,7 +185,8 @@ def ldm_scale_factor(ldm_params: Mapping, state_dict: Mapping[str, torch.Tensor]
     params = to_plain(ldm_params) or {}
     if params.get("scale_by_std", False):
         if state_dict is None or "scale_factor" not in state_dict:
-            raise CheckpointKeyError("scale_by_std: true needs the checkpoint's 'scale_factor' entry (1/std of the latents)")
+            raise CheckpointKeyError("scale_by_std: true needs the checkpoint's 'scale_factor' entry "
+                                     "(1/std of the latents)")
         return float(torch.as_tensor(state_dict["scale_factor"]).item())
     return float(params.get("scale_factor", LDM_DEFAULT_SCALE_FACTOR))
 

@@ -190,8 +190,8 @@ def _expected_compvis_keys(compvis_sd: Mapping[str, torch.Tensor], kind: str, n_
     if any(re.match(r"(encoder|decoder)\.mid\.attn_1\.", k) for k in keys):
         attn_paths += ["encoder.mid.attn_1", "decoder.mid.attn_1"]
     for i in range(n_levels):
-        for part, level, blocks in (("encoder", f"encoder.down.{i}", res_blocks),
-                                    ("decoder", f"decoder.up.{i}", res_blocks + 1)):
+        for _part, level, blocks in (("encoder", f"encoder.down.{i}", res_blocks),
+                                     ("decoder", f"decoder.up.{i}", res_blocks + 1)):
             resnet_paths += [f"{level}.block.{j}" for j in range(blocks)]
             if any(k.startswith(f"{level}.attn.") for k in keys):
                 attn_paths += [f"{level}.attn.{j}" for j in range(blocks)]
@@ -229,7 +229,8 @@ def _check_structure(compvis_sd: Mapping[str, torch.Tensor], kind: str, n_levels
         problems.append(f"{len(extra)} key(s) that the structure does not have (e.g. a downsampler after the "
                         f"last level): {_format_list(name_in_source(k) for k in extra)}")
     if problems:
-        raise CheckpointKeyError(f"incomplete CompVis {kind.upper()} first stage with {n_levels} levels: " + "; ".join(problems))
+        raise CheckpointKeyError(f"incomplete CompVis {kind.upper()} first stage with {n_levels} levels: "
+                                 + "; ".join(problems))
 
 
 def _attn_to_linear(key: str, tensor: torch.Tensor) -> torch.Tensor:

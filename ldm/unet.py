@@ -217,7 +217,8 @@ class UNetModel(nn.Module):
         def res(ch_in: int, ch_out: int, **kw) -> ResBlock:
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm=use_scale_shift_norm, **kw)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(num_res_blocks):
@@ -288,7 +289,8 @@ class UNetModel(nn.Module):
         if x.shape[-1] % levels or x.shape[-2] % levels:
             raise UserError(f"latent side {tuple(x.shape[-2:])} must be a multiple of {levels} "
                              f"(the U-Net halves it {len(self.channel_mult) - 1} times)")
-        if self.context_dim is not None and context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
+        if (self.context_dim is not None and context is not None
+                and (context.ndim != 3 or context.shape[-1] != self.context_dim)):
             raise UserError(f"context must be (B, tokens, {self.context_dim}) (context_dim={self.context_dim}); "
                              f"got {tuple(context.shape)}")
 

@@ -273,15 +273,15 @@ def test_accel_deep_cache_on_a_pipeline_through_the_configs(compose_sample, sd_f
                                                          "accel.deep_cache.cache_branch_id=1")), tmp_path / "dc")
     assert metrics["accel"] == "deep_cache"
     want = _manual(sd_folder, lambda p: apply_deep_cache(p, cache_interval=3, cache_branch_id=1))
-    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "dc"), want))
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "dc"), want, strict=True))
     run_from_config(compose_sample(*_overrides(sd_folder)), tmp_path / "plain")
-    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "dc"), _pngs(tmp_path / "plain")))
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "dc"), _pngs(tmp_path / "plain"), strict=True))
     gate = ["accel=tgate_deep_cache", "accel.tgate.gate_step=3", "accel.tgate.sp_interval=1",
             "accel.tgate.warm_up=0", "accel.tgate.branch=uncond"]
     run_from_config(compose_sample(*_overrides(sd_folder, *gate)), tmp_path / "both")
     config = tgate.TGateConfig(gate_step=3, sp_interval=1, fi_interval=1, warm_up=0)
     want = _manual(sd_folder, lambda p: tgate.apply_tgate(p, config), lambda p: apply_deep_cache(p, 3, 0))
-    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want))
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want, strict=True))
 
 
 def test_accel_deep_cache_on_an_sdxl_pipeline_through_the_configs(compose_sample, tmp_path):
@@ -305,7 +305,8 @@ def test_accel_deep_cache_on_an_sdxl_pipeline_through_the_configs(compose_sample
 
 
 @pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
-@pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl", "tstitch_pipeline_deep_cache"])
+@pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl",
+                                   "tstitch_pipeline_deep_cache"])
 def test_deep_cache_configs_compose_for_the_unet_pipelines(compose_sample, model, accel):
     from runs.pipeline_run import check_pipeline_config
 
@@ -351,7 +352,7 @@ def test_stitched_and_cached_pipeline_run_through_the_configs(compose_sample, sd
         return apply_deep_cache(pipe, cache_interval=3, cache_branch_id=0)
 
     want = _manual(sd_folder, stitched_then_cached)
-    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want))
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want, strict=True))
     stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={small}", "accel.tstitch.ratio=0.5"]
     run_from_config(compose_sample(*_overrides(sd_folder, *stitched)), tmp_path / "stitched")
-    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched")))
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched"), strict=True))

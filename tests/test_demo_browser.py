@@ -105,7 +105,8 @@ def page(server):
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         except Error as e:
             missing(f"no Chromium could be started ({chromium or 'Playwright’s own'}): {str(e).splitlines()[0]}; "
-                    "install Debian's `chromium` (apt-get install chromium) or run `python -m playwright install chromium`")
+                    "install Debian's `chromium` (apt-get install chromium) "
+                    "or run `python -m playwright install chromium`")
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(server)
@@ -199,7 +200,8 @@ def test_missing_weights_are_a_message_in_the_page(page):
     # back to the digits pair: its defaults return and a click works again
     page.locator("#pair input").click()
     page.get_by_role("option", name="digits: DiT-digits-S").click()
-    page.wait_for_function("() => document.querySelector('#labels textarea, #labels input').value.startsWith('0, 1, 2')")
+    page.wait_for_function("() => document.querySelector('#labels textarea, #labels input')"
+                           ".value.startsWith('0, 1, 2')")
     fill(page, "#steps input", "10")
     status = click_and_wait(page, "#generate", "demo-ok")
     assert "Generated 10 images" in status, status

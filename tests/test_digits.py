@@ -16,7 +16,8 @@ from runs.run import build_denoiser, model_configs, run_from_config
 from conftest import CONFIGS
 
 ROOT = CONFIGS.parent
-CKPTS = {"DiT-digits-S": ROOT / "checkpoints/digits/digits_s.pt", "DiT-digits-L": ROOT / "checkpoints/digits/digits_l.pt"}
+CKPTS = {"DiT-digits-S": ROOT / "checkpoints/digits/digits_s.pt",
+         "DiT-digits-L": ROOT / "checkpoints/digits/digits_l.pt"}
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,8 @@ def test_main_job_configuration(compose_sample):
 
 def test_short_stitched_run_gives_digits(compose_sample, tmp_path):
     """20 samples, 10 DDIM steps (a second): files, one grid row per class, recognisable digits."""
-    cfg = compose_sample("+exp=digits_stitch_0.4", "num_samples=20", "batch_size=20", "sampler.steps=10", "progress=false")
+    cfg = compose_sample("+exp=digits_stitch_0.4", "num_samples=20", "batch_size=20", "sampler.steps=10",
+                         "progress=false")
     metrics = run_from_config(cfg, tmp_path)
     assert metrics["steps_per_model"] == {"DiT-digits-S": 4, "DiT-digits-L": 6}
     npz = np.load(tmp_path / "samples.npz")
@@ -60,11 +62,13 @@ def test_main_job_from_the_command_line(tmp_path):
     """The README's main job exactly: under two minutes, >= 80% classifier agreement."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "scripts/sample.py", "+exp=digits_stitch_0.4", f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     npz = np.load(tmp_path / "samples.npz")
     result = evaluate_digits(npz["arr_0"], npz["arr_1"])
     assert result["accuracy"] >= 0.8, result
     assert seconds < 120, seconds
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps_per_model"] == {"DiT-digits-S": 20, "DiT-digits-L": 30}
+    steps_per_model = json.loads((tmp_path / "metrics.json").read_text())["steps_per_model"]
+    assert steps_per_model == {"DiT-digits-S": 20, "DiT-digits-L": 30}

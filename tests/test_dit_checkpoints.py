@@ -91,7 +91,8 @@ class NotATensor:
 def test_non_tensor_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"ema": DiT(**TINY).state_dict(), "payload": NotATensor()}, path)
-    with pytest.raises(ValueError, match=r"holds pickled Python objects \(test_dit_checkpoints.NotATensor\).*refused unread") as err:
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \(test_dit_checkpoints.NotATensor\)"
+                                         r".*refused unread") as err:
         load_checkpoint_state_dict(path)
     assert "weights_only" not in str(err.value)  # never the advice to unpickle an untrusted file
 

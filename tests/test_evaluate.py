@@ -102,7 +102,8 @@ def test_figures_script_plots_a_sweep(tmp_path, capsys):
                 folder = tmp_path / sweep / job
                 (folder / ".hydra").mkdir(parents=True)
                 (folder / ".hydra" / "config.yaml").write_text(
-                    f"model:\n  name: L\naccel:\n  models:\n    small:\n      name: S\n  tstitch:\n    ratio: {ratio}\n")
+                    "model:\n  name: L\naccel:\n  models:\n    small:\n      name: S\n"
+                    f"  tstitch:\n    ratio: {ratio}\n")
                 metrics = {"sampling_seconds": slow * (2.0 - ratio), "num_images": 20, "steps": 10,
                            "steps_per_model": {"L": 10 - int(10 * ratio), "S": int(10 * ratio)}}  # key-sorted
                 (folder / "metrics.json").write_text(json.dumps(metrics))

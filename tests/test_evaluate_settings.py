@@ -99,6 +99,7 @@ def test_inception_weights_are_read_and_matched_to_the_network(tmp_path, referen
         check_evaluate_settings(_settings(reference=reference, inception_weights=tmp_path / "cut.pth"))
     # null: the hub cache, fetched now when missing (offline here: the run stops before sampling)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(URLError("offline")))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(URLError("offline")))
     with pytest.raises(UserError, match=r"^evaluate.inception_weights=None: the FID Inception weights are not in"):
         check_evaluate_settings(_settings(reference=reference, inception_weights=None))

@@ -129,7 +129,8 @@ def must_apply(cfg, own: str, accel: str) -> bool:
     digits = {"tstitch_digits", "tstitch_digits_tgate", "tstitch_digits_tgate_fast"}
     if own in digits:
         return accel in {"tgate", "tgate_keep_guidance"} | digits
-    return accel in {"tgate", "tgate_keep_guidance", "tstitch", "tstitch_tgate", "tstitch_sbxl"}  # DiT-XL/2 with T-Stitch's DiT-S/B
+    # DiT-XL/2 with T-Stitch's DiT-S/B
+    return accel in {"tgate", "tgate_keep_guidance", "tstitch", "tstitch_tgate", "tstitch_sbxl"}
 
 
 _meta_models: dict = {}  # built once per set of model configs (meta: no memory, no weights)
@@ -145,7 +146,7 @@ def _meta_denoisers(cfg, factor: int, channels: int):
             _meta_models[key] = [build_denoiser(c, cfg.model.image_size // factor, pretrained=False, device="meta")
                                  for c in configs]
     models = _meta_models[key]
-    for c, m in zip(configs, models):  # as run_from_config checks once the models are built
+    for c, m in zip(configs, models, strict=True):  # as run_from_config checks once the models are built
         if getattr(m, "in_channels", channels) != channels:
             raise ValueError(f"model {c.name} takes {m.in_channels} latent channels, the VAE makes {channels}")
     return models

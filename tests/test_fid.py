@@ -135,7 +135,8 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE
-    with pytest.raises(FileNotFoundError, match=rf"not in {expected} and could not be downloaded.*put it at {expected}"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"not in {expected} and could not be downloaded.*put it at {expected}"):
         InceptionFeatures()
     with pytest.raises(FileNotFoundError, match=r"nope.pth not found"):
         InceptionFeatures(tmp_path / "nope.pth")
@@ -184,7 +185,8 @@ def test_evaluate_script_adds_fid_to_metrics(random_weights, tmp_path, capsys):
     assert {"fid", "inception_score", "precision", "recall"} <= set(m)
     net = InceptionFeatures(random_weights, dims=64)
     feats, _ = inception_outputs(net, _images(4, 6))
-    assert m["fid"] == pytest.approx(frechet_distance(*gaussian_stats(feats), np.full(64, 0.5), np.eye(64) * 0.01), rel=1e-6)
+    want = frechet_distance(*gaussian_stats(feats), np.full(64, 0.5), np.eye(64) * 0.01)
+    assert m["fid"] == pytest.approx(want, rel=1e-6)
     assert script.main(args + ["--reference-stats", "images"]) == 0
     assert json.loads((run / "metrics.json").read_text())["fid_reference_stats"] == "reference images"
     assert "FID" in capsys.readouterr().out

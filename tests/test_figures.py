@@ -55,7 +55,7 @@ def test_tgate_table_on_a_digits_sweep(compose_sample, figures, tmp_path):
     assert f"| {1 - macs[2] / macs[0]:.1%} |" in table[4]
     assert (tmp_path / "tgate.png").stat().st_size > 1000
     # with FID in metrics.json (scripts/evaluate.py --reference), the table shows FID instead
-    for k, fid in zip("012", (5.0, 5.5, 6.25)):
+    for k, fid in zip("012", (5.0, 5.5, 6.25), strict=True):
         m = json.loads((tmp_path / k / "metrics.json").read_text())
         (tmp_path / k / "metrics.json").write_text(json.dumps({**m, "fid": fid, "inception_score": 2.0}))
     assert figures.main(["--kind", "tgate", str(tmp_path), "--table", str(tmp_path / "t.md")]) == 0

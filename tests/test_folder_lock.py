@@ -22,7 +22,8 @@ DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "progress=false", "num_th
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
           f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-HOLDER = "import sys, time; from runs.folder_lock import acquire; acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLDER = ("import sys, time; from runs.folder_lock import acquire; acquire(sys.argv[1]); "
+          "print('held', flush=True); time.sleep(600)")
 
 
 def _hold_in_another_process(folder):

@@ -49,8 +49,9 @@ def test_multirun_with_wandb_offline(tmp_path):
     reference = tmp_path / "reference.npz"  # 6 real digits as RGB, ADM's layout
     np.savez(reference, arr_0=np.repeat(digits[:6, :, :, None], 3, axis=-1))
     # FID etc. at the end of each job (Inception with random weights: no download), logged too
-    proc = _multirun(tmp_path / "sweep", "logger=wandb", f"evaluate.reference={reference}", "evaluate.inception_weights=random",
-                     "evaluate.dims=64", "evaluate.nearest_k=2", env={"WANDB_MODE": "offline"})
+    proc = _multirun(tmp_path / "sweep", "logger=wandb", f"evaluate.reference={reference}",
+                     "evaluate.inception_weights=random", "evaluate.dims=64", "evaluate.nearest_k=2",
+                     env={"WANDB_MODE": "offline"})
     tmp_path = tmp_path / "sweep"
     _check_sweep(tmp_path, proc)
     for job, ratio in (("0", 0.0), ("1", 0.5)):

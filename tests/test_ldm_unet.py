@@ -60,9 +60,11 @@ def test_state_dict_is_the_compvis_layout():
                 "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
                 "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
                 "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
-                "input_blocks.1.1.transformer_blocks.0.ff.net.2.bias", "input_blocks.1.1.transformer_blocks.0.norm3.weight",
+                "input_blocks.1.1.transformer_blocks.0.ff.net.2.bias",
+                "input_blocks.1.1.transformer_blocks.0.norm3.weight",
                 "input_blocks.3.0.op.weight", "input_blocks.4.0.skip_connection.weight",
-                "middle_block.0.in_layers.2.weight", "middle_block.1.proj_out.weight", "middle_block.2.out_layers.3.bias",
+                "middle_block.0.in_layers.2.weight", "middle_block.1.proj_out.weight",
+                "middle_block.2.out_layers.3.bias",
                 "output_blocks.0.0.skip_connection.weight", "output_blocks.2.2.conv.weight",
                 "out.0.weight", "out.2.weight"]:
         assert key in keys, key

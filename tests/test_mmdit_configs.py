@@ -73,7 +73,7 @@ def test_experiment_samples_stitched_and_with_accel_none(compose_sample, folders
     stitched = _pngs(tmp_path / "stitched")
     for k, image in enumerate(_pngs(tmp_path / "plain")):
         assert np.array_equal(image, _direct(pipe, k)), k  # accel=none is the stock pipeline, sample by sample
-    assert not all(np.array_equal(a, b) for a, b in zip(stitched, _pngs(tmp_path / "plain")))
+    assert not all(np.array_equal(a, b) for a, b in zip(stitched, _pngs(tmp_path / "plain"), strict=True))
 
 
 def test_sd35_stitched_with_truncation_through_the_configs(compose_sample, folders, tmp_path):
@@ -93,7 +93,7 @@ def test_sd35_stitched_with_truncation_through_the_configs(compose_sample, folde
     apply_tgate(pipe, TGateConfig(gate_step=3, cache_attention=False, branch="cond"))
     for k, image in enumerate(_pngs(tmp_path / "both")):
         assert np.array_equal(image, _direct(pipe, k)), k
-    assert not all(np.array_equal(a, b) for a, b in zip(_pngs(tmp_path / "both"), stitched))
+    assert not all(np.array_equal(a, b) for a, b in zip(_pngs(tmp_path / "both"), stitched, strict=True))
 
 
 def test_bad_pairs_through_the_configs_are_refused_before_sampling(compose_sample, folders, tmp_path):

@@ -85,12 +85,13 @@ def test_sample_script_runs_a_pipeline_folder_and_writes_the_native_files(folder
 def test_images_do_not_depend_on_the_batch_size(compose_sample, folders, tmp_path):
     run_from_config(compose_sample(*_overrides(folders, "batch_size=1")), tmp_path / "b1")
     run_from_config(compose_sample(*_overrides(folders, "batch_size=3")), tmp_path / "b3")
-    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "b1"), _pngs(tmp_path / "b3")))
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "b1"), _pngs(tmp_path / "b3"), strict=True))
 
 
 def test_stitched_run_ends_equal_the_plain_runs_and_the_split_is_recorded(compose_sample, folders, tmp_path):
     stitch = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}"]
-    metrics = run_from_config(compose_sample(*_overrides(folders, *stitch, "accel.tstitch.ratio=0.5")), tmp_path / "mid")
+    metrics = run_from_config(compose_sample(*_overrides(folders, *stitch, "accel.tstitch.ratio=0.5")),
+                              tmp_path / "mid")
     assert metrics["steps_per_model"] == {str(folders / "small_unet"): 2, "large": 2} or \
         list(metrics["steps_per_model"].values()) == [2, 2]
     assert metrics["accel"] == "tstitch_pipeline" and metrics["pipeline"] == "StableDiffusionPipeline"
@@ -100,12 +101,12 @@ def test_stitched_run_ends_equal_the_plain_runs_and_the_split_is_recorded(compos
     stitch_pipe = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_pipe'}"]
     run_from_config(compose_sample(*_overrides(folders, *stitch_pipe, "accel.tstitch.ratio=0")), tmp_path / "r0")
     run_from_config(compose_sample(*_overrides(folders, *stitch, "accel.tstitch.ratio=1")), tmp_path / "r1")
-    for k, (r0, large) in enumerate(zip(_pngs(tmp_path / "r0"), _pngs(tmp_path / "large"))):
+    for k, (r0, large) in enumerate(zip(_pngs(tmp_path / "r0"), _pngs(tmp_path / "large"), strict=True)):
         assert (r0 == large).all(), k
-    for k, (r1, small) in enumerate(zip(_pngs(tmp_path / "r1"), _pngs(tmp_path / "small"))):
+    for k, (r1, small) in enumerate(zip(_pngs(tmp_path / "r1"), _pngs(tmp_path / "small"), strict=True)):
         assert (r1 == small).all(), k
     mid, large = _pngs(tmp_path / "mid"), _pngs(tmp_path / "large")
-    assert not all((a == b).all() for a, b in zip(mid, large))
+    assert not all((a == b).all() for a, b in zip(mid, large, strict=True))
 
 
 def test_accel_pipeline_entries_are_applied_before_and_removed_after(compose_sample, folders, tmp_path):
@@ -171,7 +172,8 @@ def test_tgate_on_a_pipeline_through_the_configs_equals_apply_tgate(compose_samp
     gate = ["accel=tgate_sdxl", "accel.tgate.gate_step=2", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
     metrics = run_from_config(compose_sample(*_overrides(folders, *gate)), tmp_path / "gated")
     assert metrics["accel"] == "tgate_sdxl"
-    pipe = StableDiffusionPipeline.from_pretrained(folders / "large", safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(folders / "large", safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     apply_tgate(pipe, TGateConfig(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0, branch="uncond"))
     gated = _pngs(tmp_path / "gated")
@@ -180,7 +182,7 @@ def test_tgate_on_a_pipeline_through_the_configs_equals_apply_tgate(compose_samp
                    generator=torch.Generator().manual_seed(k)).images[0]
         assert (gated[k] == (np.clip(out, 0, 1) * 255).round().astype(np.uint8)).all(), k
     plain = [_direct(folders / "large", k) for k in range(3)]
-    assert not all((a == b).all() for a, b in zip(gated, plain))  # the gate acted
+    assert not all((a == b).all() for a, b in zip(gated, plain, strict=True))  # the gate acted
 
 
 def test_stitched_and_gated_pipeline_run(compose_sample, folders, tmp_path):
@@ -190,7 +192,7 @@ def test_stitched_and_gated_pipeline_run(compose_sample, folders, tmp_path):
     assert list(metrics["steps_per_model"].values()) == [2, 2]
     stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}", "accel.tstitch.ratio=0.5"]
     run_from_config(compose_sample(*_overrides(folders, *stitched)), tmp_path / "stitched")
-    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched")))
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched"), strict=True))
 
 
 def test_precision_sets_the_pipeline_dtype_and_a_disagreeing_model_dtype_is_refused(compose_sample, folders, tmp_path):
@@ -198,7 +200,7 @@ def test_precision_sets_the_pipeline_dtype_and_a_disagreeing_model_dtype_is_refu
     auto = run_from_config(compose_sample(*_overrides(folders)), tmp_path / "auto")
     assert (bf16["precision"], bf16["dtype"]) == ("bf16", "bfloat16")
     assert (auto["precision"], auto["dtype"]) == ("fp32", "float32")  # model.dtype=auto on a CPU
-    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "bf16"), _pngs(tmp_path / "auto")))
+    assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "bf16"), _pngs(tmp_path / "auto"), strict=True))
     with pytest.raises(ValueError, match=r"precision=bf16 runs the pipeline in bfloat16, but model.dtype=float16"):
         run_from_config(compose_sample(*_overrides(folders, "precision=bf16", "model.dtype=float16")), tmp_path / "x")
     with pytest.raises(ValueError, match=r"precision='half': allowed values are auto, fp32"):
@@ -213,4 +215,4 @@ def test_regional_compile_of_a_pipeline_is_its_unets_compile_repeated_blocks(com
                                tmp_path / "compiled")
     torch._dynamo.reset()
     assert compiled["compile"] == "regional" and compiled["compiled_graphs"] >= 1 and eager["compiled_graphs"] == 0
-    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "compiled"), _pngs(tmp_path / "eager")))
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "compiled"), _pngs(tmp_path / "eager"), strict=True))

@@ -82,7 +82,7 @@ class Calls:
 
     def attention_per_call(self):
         marks = self.get("attention") + [self.processor.calls]
-        return [b - a for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
     def remove(self):
         for handle in self.handles:
@@ -193,9 +193,9 @@ def test_tgate_on_stock_sd_pipelines_follows_the_progress_bar(name):
     warmup = [c.warmup for c in log]
     assert warmup == [name == "pndm"] + [False] * (len(log) - 1)  # PNDM's first entry, computed plainly
     # both CFG branches before the gate (and at the warm-up entry), one from the gate step on
-    assert calls.get("rows") == [2 if w or s < GATE["gate_step"] else 1 for s, w in zip(steps, warmup)]
+    assert calls.get("rows") == [2 if w or s < GATE["gate_step"] else 1 for s, w in zip(steps, warmup, strict=True)]
     computed = []
-    for s, w in zip(steps, warmup):
+    for s, w in zip(steps, warmup, strict=True):
         actions = tgate.PLAIN if w else config.actions(s)
         computed.append(sum((actions.cross_attn if c else actions.self_attn) is not tgate.Action.REUSE for c in cross))
     assert calls.attention_per_call() == computed and min(computed) < len(cross)
@@ -216,7 +216,7 @@ def test_tgate_on_a_batched_cfg_loop_and_refused_with_separate_passes(name):
         steps = calls.get("step")
         assert calls.bar.updates == STEPS and [c.step for c in gate.steps.log] == steps
         warmup = [c.warmup for c in gate.steps.log]
-        assert calls.get("rows") == [2 if w or s < GATE["gate_step"] else 1 for s, w in zip(steps, warmup)]
+        assert calls.get("rows") == [2 if w or s < GATE["gate_step"] else 1 for s, w in zip(steps, warmup, strict=True)]
         with pytest.raises(RuntimeError, match=r"called its denoiser 2 times in one loop entry \(step 0\)"):
             _run_loop(pipe, passes=2)
     assert _rel(gated, plain) > 1e-4 and torch.equal(_run_loop(pipe, passes=1), plain)
@@ -242,7 +242,7 @@ def test_tstitch_and_tgate_on_sd3_flow_matching_follow_the_progress_bar(skip_lay
     assert pipe.transformer.last_steps == per_step
     passes = [c.pass_index for c in pipe.transformer.steps.log]
     assert calls.get("slg") == [p == 1 for p in passes]
-    assert calls.get("rows") == [1 if slg or s >= 4 else 2 for s, slg in zip(steps, calls.get("slg"))]
+    assert calls.get("rows") == [1 if slg or s >= 4 else 2 for s, slg in zip(steps, calls.get("slg"), strict=True)]
     if skip_layer_guidance:  # counting denoiser calls would run ahead of the loop
         assert steps == [0, 1, 1, 2, 2, 3, 4, 5] and list(range(len(steps))) != steps
     assert _rel(both, stitched) > 1e-4
@@ -374,7 +374,7 @@ def test_stacked_techniques_agree_on_the_steps_of_img2img(name):
     assert pipe.unet.last_steps == [0, 0, 1, 1]
     assert calls.get("model") == ["small" if s < 2 else "large" for s in steps]
     warmup = [c.warmup for c in gate.steps.log]
-    assert calls.get("rows") == [2 if w or s < 2 else 1 for s, w in zip(steps, warmup)]
+    assert calls.get("rows") == [2 if w or s < 2 else 1 for s, w in zip(steps, warmup, strict=True)]
     # full: step 0 (first), 1 (T-GATE's CFG-mean step), 2 (the gate, and the large model's first); 3 cached
     assert calls.get("full") == [s != 3 for s in steps]
     assert _rel(out, plain) > 1e-4

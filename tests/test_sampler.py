@@ -49,7 +49,8 @@ def test_guided_step_runs_one_2b_batch_cond_first():
     model = TinyDenoiser()
     noise, gens = _noise(2)
     y = torch.tensor([3, 7])
-    sample(model, build_solver("ddim", 3), noise, {"y": y}, {"y": torch.full_like(y, 10)}, cfg_scale=2.0, progress=False)
+    sample(model, build_solver("ddim", 3), noise, {"y": y}, {"y": torch.full_like(y, 10)}, cfg_scale=2.0,
+           progress=False)
     assert model.calls == [(4, [3, 7, 10, 10])] * 3
 
 
@@ -109,7 +110,10 @@ def test_bad_cfg_scale_is_refused_before_sampling():
 def _generate(batch_size, seed=0, n=5, sampler="ddpm"):
     model = TinyDenoiser()
     labels = class_labels(seed, n, 10)
-    decode = lambda z: (z.clamp(-1, 1) * 127.5 + 128).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    def decode(z):
+        return (z.clamp(-1, 1) * 127.5 + 128).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
     return generate(model, build_solver(sampler, 4, learned_variance=True), decode, latent_shape=(4, 4, 4),
                     labels=labels, null_label=10, seed=seed, batch_size=batch_size, device=torch.device("cpu"),
                     cfg_scale=4.0, guided_channels=3, progress=False)

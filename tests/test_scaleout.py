@@ -53,7 +53,8 @@ def test_two_torchrun_ranks_give_the_images_of_one_process(compose_sample, tmp_p
     assert metrics["world_size"] == 2 and metrics["num_generated"] == metrics["num_images"] == n
     assert len(metrics["sampling_seconds_per_rank"]) == 2
     assert metrics["steps_per_model"] == single["steps_per_model"] == {"DiT-digits-S": 2, "DiT-digits-L": 4}
-    np.testing.assert_array_equal(np.load(two / "samples.npz")["arr_0"], np.load(tmp_path / "single" / "samples.npz")["arr_0"])
+    np.testing.assert_array_equal(np.load(two / "samples.npz")["arr_0"],
+                                  np.load(tmp_path / "single" / "samples.npz")["arr_0"])
     assert (two / "done").is_file()
 
 

@@ -82,7 +82,7 @@ class PointMassDenoiser:
     the model on the wrong timestep does not land on x0.
     """
 
-    def __init__(self, x0, schedule=NoiseSchedule()):
+    def __init__(self, x0, schedule=NoiseSchedule()):  # noqa: B008 - a frozen dataclass, safe to share
         self.x0 = x0
         self.acp = torch.tensor(np.cumprod(1 - schedule.betas()), dtype=torch.float64)
 

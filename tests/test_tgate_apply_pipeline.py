@@ -127,7 +127,8 @@ def test_custom_attention_processor_is_used_on_computed_steps(tiny_pipelines_dir
     expected = []
     for s in range(TEXT["num_inference_steps"]):
         actions = config.actions(s)
-        expected.append(n_self * (actions.self_attn is not Action.REUSE) + n_cross * (actions.cross_attn is not Action.REUSE))
+        expected.append(n_self * (actions.self_attn is not Action.REUSE)
+                        + n_cross * (actions.cross_attn is not Action.REUSE))
     assert per_call == expected and min(expected) < len(modules)  # some steps reused outputs
     # the processor's output (x1.5) is in the result: with the default processor it differs
     pipe.unet.set_attn_processor(AttnProcessor2_0())

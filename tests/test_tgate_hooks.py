@@ -51,10 +51,11 @@ def test_gate_off_is_bitwise_plain_and_remove_restores_the_model(kind):
         # a real gate reuses attention (and drops a branch): the comparisons above can fail
         gated = _run_steps(model, call, apply_tgate(model, TGateConfig(gate_step=3, sp_interval=2, warm_up=0)))
         remove_tgate(model)
-    assert all(torch.equal(a, b) for a, b in zip(plain, gated_off))
-    assert all(torch.equal(a, b) for a, b in zip(plain, removed))
+    assert all(torch.equal(a, b) for a, b in zip(plain, gated_off, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain, removed, strict=True))
     assert all(p.abs().max() > 0 for p in plain)
-    assert any(a.shape == b.shape and not torch.allclose(a, b, rtol=1e-4, atol=0) for a, b in zip(plain, gated))
+    assert any(a.shape == b.shape and not torch.allclose(a, b, rtol=1e-4, atol=0)
+               for a, b in zip(plain, gated, strict=True))
     assert not is_gated(model) and state.module_hooks == []
     for _, module in find_attention(model):  # no trace left on the modules
         assert "forward" not in vars(module) and not hasattr(module, "_diffusers_hook")
@@ -118,9 +119,10 @@ def test_each_run_starts_with_empty_caches_and_repeats_exactly():
         second = _run_steps(model, call, state)
         remove_tgate(model)
         plain = _run_steps(model, call)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     # the gated steps differ from the plain model's (a cache kept from the abandoned run would differ too)
-    assert any(a.shape == b.shape and not torch.allclose(a, b, rtol=1e-4, atol=0) for a, b in zip(first, plain))
+    assert any(a.shape == b.shape and not torch.allclose(a, b, rtol=1e-4, atol=0)
+               for a, b in zip(first, plain, strict=True))
 
 
 def test_bad_use_is_refused():

@@ -86,11 +86,13 @@ def test_bad_settings_fail_before_models_are_built(compose_sample, tmp_path, ove
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model", ["sdxl", "sdxl_lcm", "lcm_sdxl", "sd15", "sd21", "pixart_alpha", "pixart_sigma", "svd"])
+@pytest.mark.parametrize("model", ["sdxl", "sdxl_lcm", "lcm_sdxl", "sd15", "sd21", "pixart_alpha", "pixart_sigma",
+                                   "svd"])
 def test_pipeline_models_need_the_pipeline_sampler(compose_sample, tmp_path, model):
     # the count_macs architecture configs are diffusers pipelines now (runs/pipeline_run.py)
     cfg = compose_sample(f"model={model}")
-    with pytest.raises(ValueError, match=r"is a diffusers pipeline, sampled with its own scheduler: use sampler=pipeline"):
+    with pytest.raises(ValueError,
+                       match=r"is a diffusers pipeline, sampled with its own scheduler: use sampler=pipeline"):
         run_from_config(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

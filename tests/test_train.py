@@ -161,7 +161,8 @@ def test_a_killed_training_run_resumes_to_the_same_weights_and_history(compose_t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [*TINY, "steps=6", "ckpt_every=2", "log_every=3", f"hydra.run.dir={tmp_path / 'cut'}"]
     killed = subprocess.run([sys.executable, "tests/script_faults.py", "scripts/train.py", *args], cwd=ROOT,
-                            env={**env, "FAULT_KILL_AFTER_CHECKPOINT": "4"}, capture_output=True, text=True, timeout=300)
+                            env={**env, "FAULT_KILL_AFTER_CHECKPOINT": "4"}, capture_output=True, text=True,
+                            timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
     assert (tmp_path / "cut" / ".lock").is_file()  # left by the killed run; its lock died with it

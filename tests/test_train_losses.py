@@ -33,7 +33,8 @@ def test_vb_is_zero_for_the_true_eps_and_posterior_variance():
 
 
 def test_normal_kl_matches_torch_distributions():
-    m1, m2, lv1, lv2 = torch.tensor([0.3, -1.0]), torch.tensor([0.0, 0.5]), torch.tensor([-1.0, 0.2]), torch.tensor([0.4, -2.0])
+    m1, m2 = torch.tensor([0.3, -1.0]), torch.tensor([0.0, 0.5])
+    lv1, lv2 = torch.tensor([-1.0, 0.2]), torch.tensor([0.4, -2.0])
     p = torch.distributions.Normal(m1, (0.5 * lv1).exp())
     q = torch.distributions.Normal(m2, (0.5 * lv2).exp())
     torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), torch.distributions.kl_divergence(p, q))

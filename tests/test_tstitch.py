@@ -27,11 +27,12 @@ def test_small_model_runs_exactly_the_first_round_rn_steps(n, r):
 
 
 @pytest.mark.parametrize("n", [10, 25, 50, 100, 250])
-@pytest.mark.parametrize("fractions", [[0.4, 0.2, 0.4], [0.3, 0.3, 0.4], [0.0, 0.5, 0.5], [0.1, 0.0, 0.9], [0.2, 0.2, 0.2, 0.4]])
+@pytest.mark.parametrize("fractions", [[0.4, 0.2, 0.4], [0.3, 0.3, 0.4], [0.0, 0.5, 0.5], [0.1, 0.0, 0.9],
+                                       [0.2, 0.2, 0.2, 0.4]])
 def test_several_models_split_by_cumulative_fractions(n, fractions):
     ends = [round(sum(fractions[: j + 1]) * n) for j in range(len(fractions))]
     starts = [0] + ends[:-1]
-    assert steps_per_model(fractions, n) == [e - s for s, e in zip(starts, ends)]
+    assert steps_per_model(fractions, n) == [e - s for s, e in zip(starts, ends, strict=True)]
     assert model_per_step(fractions, n) == sorted(model_per_step(fractions, n))  # in order, no interleaving
     assert sum(steps_per_model(fractions, n)) == n
 
@@ -196,7 +197,8 @@ def test_stitch_point_changes_the_run_with_random_weights(compose_sample, tmp_pa
 
     latents = {}
     for ratio in (0.0, 0.4, 1.0):
-        run_from_config(compose_sample("+exp=dit_stitch_0.4", *TINY, f"accel.tstitch.ratio={ratio}"), tmp_path / str(ratio))
+        run_from_config(compose_sample("+exp=dit_stitch_0.4", *TINY, f"accel.tstitch.ratio={ratio}"),
+                        tmp_path / str(ratio))
         latents[ratio] = run_latents(tmp_path / str(ratio))
     assert all(x.abs().max() > 0 for x in latents.values())
     for a, b in ((0.4, 0.0), (0.4, 1.0), (0.0, 1.0)):

@@ -60,7 +60,7 @@ def test_mid_ratio_switches_at_the_step_the_native_rule_gives(small_unet, ratio,
     steps = []
     _run(pipe, ratio=ratio, callback_on_step_end=lambda p, i, ts, kw: steps.append(len(log.calls)) or {})
     log.remove()
-    per_step = [log.calls[a:b] for a, b in zip([0] + steps[:-1], steps)]  # the calls of each step
+    per_step = [log.calls[a:b] for a, b in zip([0] + steps[:-1], steps, strict=True)]  # the calls of each step
     assert per_step == [["small" if j == 0 else "large"] for j in expected]
     assert expected == tstitch.model_per_step([ratio, 1 - ratio], 10)
     assert pipe.unet.last_steps == expected

@@ -106,7 +106,8 @@ def test_the_rules_really_differ_where_the_issue_says():
     assert hook_split(25, "timestep", ratio=0.1).count(0) == 3
     assert hook_split(25, "index", ratio=0.1).count(0) == 2
     assert hook_split(25, "floor", ratio=0.3).count(0) == 7 and hook_split(25, "index", ratio=0.3).count(0) == 8
-    differ = [(n, r) for n in STEPS for r in RATIOS if hook_split(n, "timestep", ratio=r) != hook_split(n, "index", ratio=r)]
+    differ = [(n, r) for n in STEPS for r in RATIOS
+              if hook_split(n, "timestep", ratio=r) != hook_split(n, "index", ratio=r)]
     assert (25, 0.1) in differ and (25, 0.5) in differ and (25, 0.7) in differ
     assert all(n != 100 for n, _ in differ)  # the paper's DDIM-100: the same split
 

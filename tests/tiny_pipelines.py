@@ -231,7 +231,7 @@ def load_tiny(kind: str, folder: Path):
 
     pipe = getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(Path(folder) / kind)
     pipe.set_progress_bar_config(disable=True)
-    for name, component in pipe.components.items():
+    for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     return pipe

@@ -62,5 +62,5 @@ class TGateHook(Hook):
         return (self.state.actions, tuple(None if c is None else tuple(c.shape) for c in caches)), caches
 
     def restore_count_state(self, caches) -> None:
-        for hook, cache in zip(self.state.module_hooks, caches):
+        for hook, cache in zip(self.state.module_hooks, caches, strict=True):
             hook.cache = cache

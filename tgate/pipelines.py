@@ -117,8 +117,8 @@ class PipelineGate:
         self.denoiser_name, self.denoiser = denoiser_of(pipe)
         if "guidance_embeds" in (getattr(self.denoiser, "config", None) or {}):
             raise UserError(f"tgate: {type(pipe).__name__}'s {type(self.denoiser).__name__} takes the guidance scale "
-                             "as an input (guidance-distilled, as FLUX.1): its pipeline runs no CFG batch, so there is no "
-                             "guidance to truncate, and its joint attention has no T-GATE caching rule")
+                            "as an input (guidance-distilled, as FLUX.1): its pipeline runs no CFG batch, "
+                            "so there is no guidance to truncate, and its joint attention has no T-GATE caching rule")
         self.state = TGateState(config)
         if config.branch == "uncond" and "VideoDiffusion" in type(pipe).__name__:
             warnings.warn("tgate: SVD's unconditional branch has zeroed image conditioning; tgate 1.0.0 runs the "

@@ -90,7 +90,8 @@ class DiffusionLoss:
         return mean, _gather(self.posterior_log_var, t, x_t)
 
     def p_mean_logvar(self, eps: torch.Tensor, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """The model's p(x_{t-1} | x_t) from its eps and variance-interpolation outputs (no clipping, as in training)."""
+        """The model's p(x_{t-1} | x_t) from its eps and variance-interpolation outputs
+        (no clipping, as in training)."""
         min_log = _gather(self.posterior_log_var, t, x_t)
         max_log = _gather(torch.log(self.betas), t, x_t)
         frac = (v + 1.0) / 2.0

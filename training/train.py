@@ -126,7 +126,8 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
         raise UserError(f"model.image_size={image_size} must be a multiple of the VAE's factor {factor}")
 
     torch.manual_seed(int(cfg.seed))  # the initial weights
-    model = build_denoiser(cfg.model, image_size // factor, pretrained=False, device=device, keep_zero_init=True).train()
+    model = build_denoiser(cfg.model, image_size // factor, pretrained=False, device=device,
+                           keep_zero_init=True).train()
     if getattr(model, "in_channels", channels) != channels:
         raise UserError(f"the model takes {model.in_channels} channels, the data (after the VAE) has {channels}")
     ema = make_ema(model)
@@ -152,8 +153,8 @@ def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
     log.info("training %s (%d trainable parameters) on %d images, steps %d -> %d, batch %d, on %s, into %s",
              cfg.model.name, num_params, len(dataset), start, cfg.steps, cfg.batch_size, device, out_dir)
 
-    loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps),
-                        num_workers=int(cfg.num_workers))
+    batches = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=int(cfg.num_workers))
     flip = bool(getattr(dataset, "flip", False))
     t0, step = time.perf_counter(), start
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, dynamic_ncols=True)

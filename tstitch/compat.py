@@ -33,7 +33,7 @@ def check_stitchable(models, names, learned_variance_solver: bool) -> None:
     info = [describe(m) for m in models]
     keys = ["in_channels", "latent_size", "num_classes"] + (["learn_sigma"] if learned_variance_solver else [])
     for key in keys:
-        values = {n: d[key] for n, d in zip(names, info)}
+        values = {n: d[key] for n, d in zip(names, info, strict=True)}
         if len({v for v in values.values() if v is not None}) > 1:
             what = {"in_channels": "latent channel counts", "latent_size": "latent sizes",
                     "num_classes": "class counts", "learn_sigma": "learned-variance outputs under DDPM"}[key]

@@ -173,14 +173,16 @@ def stitch_pipeline(pipe, small, ratio: float | None = 0.5, fractions=None, rule
     sources = _as_list(small)
     fractions = resolve_fractions(None if fractions is not None else ratio, fractions, num_models=len(sources) + 1)
     fallback = ["small"] if len(sources) == 1 else [f"small{j + 1}" for j in range(len(sources))]
-    names = [_display_name(s, f) for s, f in zip(sources, fallback)] + [_display_name(large, "large")]
+    names = [_display_name(s, f) for s, f in zip(sources, fallback, strict=True)] + [_display_name(large, "large")]
     controlnet = getattr(pipe, "controlnet", None) is not None
 
     def checker(small_name):
         return lambda config: check_denoiser_pair(config, large, small_name, names[-1], controlnet=controlnet)
 
-    smalls = [load_denoiser(s, large, name, check=checker(n), **load_kwargs) for s, n in zip(sources, names)]
-    for model, model_name in zip(smalls, names):
+    # names[-1] is the large model's: zip stops before it
+    smalls = [load_denoiser(s, large, name, check=checker(n), **load_kwargs)
+              for s, n in zip(sources, names, strict=False)]
+    for model, model_name in zip(smalls, names, strict=False):
         check_denoiser_pair(model, large, model_name, names[-1], controlnet=controlnet)
     smalls = [_placed_like(m, large) for m in smalls]
     stitched = StitchedDenoiser(smalls + [large], fractions=fractions, names=names, rule=rule,
@@ -219,8 +221,8 @@ def get_tstitch_pipeline(large, small, ratio: float = 0.5, fractions=None, pipel
         if pipeline_class is None:
             import diffusers
 
-            pipeline_class = (diffusers.AutoPipelineForText2Image if from_pretrained_kwargs.get("controlnet") is not None
-                              else diffusers.DiffusionPipeline)
+            controlnet = from_pretrained_kwargs.get("controlnet") is not None
+            pipeline_class = diffusers.AutoPipelineForText2Image if controlnet else diffusers.DiffusionPipeline
         large = pipeline_class.from_pretrained(str(large), **from_pretrained_kwargs)
     elif from_pretrained_kwargs:
         raise UserError(f"{sorted(from_pretrained_kwargs)}: loading arguments need a hub id or folder as `large`")

@@ -62,7 +62,7 @@ def down_residual_channels(config: dict) -> tuple[list[int], int]:
     layers = config["layers_per_block"]
     layers = [layers] * len(widths) if isinstance(layers, int) else list(layers)
     channels = [widths[0]]
-    for i, (width, n) in enumerate(zip(widths, layers)):
+    for i, (width, n) in enumerate(zip(widths, layers, strict=False)):
         channels += [width] * n + ([width] if i < len(widths) - 1 else [])
     return channels, widths[-1]
 

@@ -64,7 +64,7 @@ def _timestep_ldm(fractions: list[float], t: float) -> int:
 
 
 def _floor(fractions: list[float], i: int, n: int, lcm: bool) -> int:
-    for j, (f, c) in enumerate(zip(fractions[:-1], accumulate(fractions))):
+    for j, (f, c) in enumerate(zip(fractions[:-1], accumulate(fractions), strict=False)):
         if not lcm:
             if (i + 1) / n <= c:
                 return j
