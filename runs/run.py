@@ -145,7 +145,8 @@ def run_macs(cfg: DictConfig, configs, names, latent_shape: tuple[int, int, int]
     with torch.device("meta"):
         models = [build_denoiser(c, latent_shape[-1], pretrained=False, device="meta") for c in configs]
     keys = [c.get("cond_key", "y") for c in configs]
-    per_forward = [_forward_macs(m, k, latent_shape, 1)["macs_all"] for m, k in zip(models, keys)]  # before hooks
+    # one forward at batch 1 per model, before any hook acts
+    per_forward = [_forward_macs(m, k, latent_shape, 1)["macs_all"] for m, k in zip(models, keys, strict=True)]
     hooks = build_hooks(cfg)
     for hook in hooks:
         hook.attach(models, names, solver)
@@ -239,15 +240,16 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
         else:
             stage = load_first_stage(cfg.vae, pretrained=cfg.pretrained, device=device)
         if image_size % stage.factor:
-            raise UserError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor {stage.factor}")
+            raise UserError(f"model.image_size={image_size} must be a multiple of the VAE's downsampling factor "
+                            f"{stage.factor}")
         latent_size = image_size // stage.factor
         models = []
-        for key, c in zip(model_keys(cfg), configs):
+        for key, c in zip(model_keys(cfg), configs, strict=True):
             with checkpoint_setting(f"{key}.ckpt"):  # read errors name the setting
                 models.append(speed.cast(build_denoiser(c, latent_size, cfg.pretrained, device)))
     stage.to(speed.dtype)
     latent_channels = stage.latent_channels
-    for name, model in zip(names, models):
+    for name, model in zip(names, models, strict=True):
         if getattr(model, "in_channels", latent_channels) != latent_channels:
             raise UserError(f"model {name} takes {model.in_channels} latent channels, the VAE makes {latent_channels}")
     guided = cfg.model.get("guided_channels")
@@ -296,15 +298,16 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
         if steps is None:  # nothing was missing: the folder's earlier run counted them
             steps_per_model = (folder.previous_metrics() or {}).get("steps_per_model")
         else:
-            steps_per_model = dict(zip(names, steps))
+            steps_per_model = dict(zip(names, steps, strict=True))
         metrics = {
             **combine(results),
             "num_images": num_images,
             "steps": solver.num_steps,
             "steps_per_model": steps_per_model,
             **stitch_rule(cfg, len(models)),
-            # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted (CFG rows included)
-            "macs_per_forward": dict(zip(names, macs_per_forward)),
+            # denoiser MACs: one forward at batch 1 per model; per image over the run as the hooks acted
+            # (CFG rows included)
+            "macs_per_forward": dict(zip(names, macs_per_forward, strict=True)),
             "macs_per_image": macs_per_image,
             "sampler": cfg.sampler.name,
             "cfg_scale": float(cfg.sampler.cfg_scale),

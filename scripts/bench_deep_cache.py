@@ -1,6 +1,6 @@
 """DeepCache speed on the native LDM U-Net: measured sampling time, plain vs cached, and the MACs.
 
-python scripts/bench_deep_cache.py                                   # LDM (T-Stitch's large U-Net), 20 steps, interval 3
+python scripts/bench_deep_cache.py                                  # LDM (T-Stitch's large U-Net), 20 steps, interval 3
 python scripts/bench_deep_cache.py model=ldm_cin256_v2 deep_cache.cache_interval=5 device=cuda batch_size=8
 """
 import logging

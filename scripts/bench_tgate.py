@@ -55,7 +55,8 @@ def main(cfg: DictConfig) -> None:
     measured, predicted = times["baseline"] / times["gated"], macs["baseline"] / macs["gated"]
     threads = torch.get_num_threads()
     gate = " ".join(f"{k}={v}" for k, v in settings.items())
-    print(f"\n{cfg.denoiser}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, cfg {cfg.cfg_scale}, "
+    print(f"\n{cfg.denoiser}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, "
+          f"cfg {cfg.cfg_scale}, "
           f"T-GATE {gate}, {speed.precision}, compile={speed.compile}, {device} ({threads} threads), "
           f"median of {cfg.repeats}\n"
           f"| | time (s) | MACs per image (G, all ops) |\n|---|---|---|\n"

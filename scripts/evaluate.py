@@ -48,7 +48,8 @@ def _digits(folders: list[Path]) -> None:
         r = evaluate_run(folder)
         print(f"{str(folder)[-40:]:<40} {r['num_images']:>5} {r['accuracy']:>9.3f} {r['knn_accuracy']:>6.3f} "
               f"{r['frechet']:>8.1f} {r['frechet_real_floor']:>6.1f}")
-        print(json.dumps({"run": str(folder), **{k: v for k, v in r.items() if k != "per_class_accuracy"}}), file=sys.stderr)
+        summary = {k: v for k, v in r.items() if k != "per_class_accuracy"}
+        print(json.dumps({"run": str(folder), **summary}), file=sys.stderr)
 
 
 def _run_config(folder: Path, force_wandb: bool):
@@ -74,8 +75,8 @@ def _fid(folders: list[Path], args) -> None:
     for folder in folders:
         with run_logger(_run_config(folder, args.wandb), folder, job_type="evaluate") as logger:
             m = evaluate_into_run(folder, settings, device=args.device, net=net)
-            logger.log_metrics({k: m[k] for k in ("fid", "inception_score", "inception_score_std", "precision", "recall")
-                                if k in m}, prefix="eval/")
+            keys = ("fid", "inception_score", "inception_score_std", "precision", "recall")
+            logger.log_metrics({k: m[k] for k in keys if k in m}, prefix="eval/")
         pr = (f"{m['precision']:>9.4f} {m['recall']:>7.4f}" if "precision" in m else f"{'-':>9} {'-':>7}")
         print(f"{str(folder)[-40:]:<40} {m['num_samples']:>6} {m['fid']:>9.3f} {m['inception_score']:>8.3f} {pr}")
 
@@ -83,14 +84,17 @@ def _fid(folders: list[Path], args) -> None:
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (with samples.npz) or multirun folders")
-    parser.add_argument("--reference", help="FID reference: .npz (arr_0 uint8 NHWC and/or mu, sigma) or an image folder")
+    parser.add_argument("--reference",
+                        help="FID reference: .npz (arr_0 uint8 NHWC and/or mu, sigma) or an image folder")
     parser.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's "
                         "cache, $TORCH_HOME/hub/checkpoints/; 'random' = random weights, for smoke tests only)")
-    parser.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048], help="Inception features for FID")
+    parser.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048],
+                        help="Inception features for FID")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--nearest-k", type=int, default=3, help="precision/recall neighbourhood size")
     parser.add_argument("--reference-stats", default="auto", choices=["auto", "images"],
-                        help="auto: the reference .npz's own mu/sigma when present (as ADM's evaluator); images: recompute")
+                        help="auto: the reference .npz's own mu/sigma when present (as ADM's evaluator); "
+                             "images: recompute")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--wandb", action="store_true", help="log to the run's W&B run even if it ran with logger=none")
     args = parser.parse_args(argv)

@@ -7,7 +7,8 @@ T-Stitch (Figure 1: quality and time against the small-model fraction):
 
 T-GATE (its tables: MACs, latency and FID of the baseline and the gated settings):
 
-    python scripts/sample.py -m +exp=dit_xl2 accel=tgate sampler=dpmpp_2m sampler.steps=25 accel.tgate.gate_step=25,10,15
+    python scripts/sample.py -m +exp=dit_xl2 accel=tgate sampler=dpmpp_2m sampler.steps=25 \\
+        accel.tgate.gate_step=25,10,15
     python scripts/figures.py --kind tgate multirun/sample/<time> --table tgate.md
 
 Each job's settings come from .hydra/config.yaml, its time and MACs from metrics.json and its
@@ -164,7 +165,8 @@ def tgate_table(rows: dict[str, dict]) -> str:
     order = sorted(rows, key=lambda k: (rows[k]["gated"], -rows[k]["macs"]))
     base = rows[order[0]]
     fid = all("fid" in r for r in rows.values())
-    lines = [f"| setting | MACs / image | latency s / image | speed-up | MACs saved | {'FID' if fid else 'Fréchet (digits)'} |",
+    quality = "FID" if fid else "Fréchet (digits)"
+    lines = [f"| setting | MACs / image | latency s / image | speed-up | MACs saved | {quality} |",
              "|---|---|---|---|---|---|"]
     for k in order:
         r = rows[k]
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("sweeps", nargs="+", type=Path, help="multirun folders of one sweep (repeats allowed)")
     parser.add_argument("--kind", choices=["tstitch", "tgate"], default="tstitch",
                         help="tstitch: quality and time against the fraction; tgate: MACs / latency / FID table")
-    parser.add_argument("--out", type=Path, help="figure path (default: <first folder>/tstitch_digits.png or tgate.png)")
+    parser.add_argument("--out", type=Path,
+                        help="figure path (default: <first folder>/tstitch_digits.png or tgate.png)")
     parser.add_argument("--table", type=Path, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
