@@ -123,9 +123,17 @@ def sample_inputs(cfg: DictConfig, root: Path | None = None) -> list:
     return [values[k % len(values)] for k in range(cfg.num_samples)]
 
 
+# pipeline call arguments the run sets per batch: a model.call entry for them would break the count
+RUNNER_CALL_KEYS = ("num_images_per_prompt", "prompt", "image", "generator", "output_type")
+
+
 def call_arguments(cfg: DictConfig) -> dict:
     """The pipeline call's settings: model.call, with sampler.steps / sampler.cfg_scale when set."""
     args = dict(_plain(cfg.model.get("call") or {}))
+    for key in RUNNER_CALL_KEYS:  # the run makes one image per sample and names it by its index
+        if key in args and not (key == "num_images_per_prompt" and args[key] == 1):
+            raise UserError(f"model.call.{key}={args[key]!r}: set by the run itself (one image per sample, "
+                            "num_samples and batch_size count them); remove it from model.call")
     steps, scale = cfg.sampler.get("steps"), cfg.sampler.get("cfg_scale")
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

@@ -127,8 +127,9 @@ def test_accel_pipeline_entries_are_applied_before_and_removed_after(compose_sam
     (["pretrained=false"], r"pretrained=false: pipelines load their weights from model.source"),
     (["model.source=/nonexistent/sd"], r"model.source='/nonexistent/sd': no such folder"),
     (["sampler.steps=0"], r"sampler.steps=0: must be an integer >= 1"),
-    (["accel=tstitch_pipeline", "accel.tstitch.ratio=1.5"], r"ratio=1.5: the small model's fraction must be"),
-    (["accel=tgate_sdxl", "accel.tgate.gate_step=0"], r"tgate gate_step=0: must be an integer >= 1"),
+    (["accel=tstitch_pipeline", "accel.tstitch.ratio=1.5"], r"^accel.tstitch.ratio=1.5: the small model's fraction"),
+    (["accel=tgate_sdxl", "accel.tgate.gate_step=0"], r"^accel.tgate.gate_step=0: must be an integer >= 1"),
+    (["+model.call.num_images_per_prompt=2"], r"model.call.num_images_per_prompt=2: set by the run itself"),
 ])
 def test_bad_input_fails_before_anything_is_loaded_or_written(compose_sample, folders, tmp_path, extra, message):
     cfg = compose_sample(*_overrides(folders, *extra))

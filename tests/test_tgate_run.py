@@ -72,12 +72,12 @@ def test_tstitch_tgate_run(compose_sample, tmp_path, run_latents):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("accel.tgate.gate_step=0", r"tgate gate_step=0: must be an integer >= 1"),
-    ("accel.tgate.sp_interval=0", r"tgate sp_interval=0: must be an integer >= 1"),
-    ("accel.tgate.fi_interval=-1", r"tgate fi_interval=-1: must be an integer >= 1"),
-    ("accel.tgate.warm_up=-1", r"tgate warm_up=-1: must be an integer >= 0"),
+    ("accel.tgate.gate_step=0", r"^accel\.tgate\.gate_step=0: must be an integer >= 1"),
+    ("accel.tgate.sp_interval=0", r"^accel\.tgate\.sp_interval=0: must be an integer >= 1"),
+    ("accel.tgate.fi_interval=-1", r"^accel\.tgate\.fi_interval=-1: must be an integer >= 1"),
+    ("accel.tgate.warm_up=-1", r"^accel\.tgate\.warm_up=-1: must be an integer >= 0"),
     ("accel.tgate.lcm=true", r"lcm=true, but this run uses classifier-free guidance"),
-    ("accel.tgate.branch=both", r"tgate branch='both'"),
+    ("accel.tgate.branch=both", r"^accel\.tgate\.branch='both'"),
 ])
 def test_bad_settings_fail_before_models_are_built(compose_sample, tmp_path, override, message):
     cfg = compose_sample(*TINY, "accel=tgate", override, "model.name=DiT-Q/9")  # an unknown model would fail later
