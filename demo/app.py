@@ -7,6 +7,7 @@ logged with its traceback on the console and shown as a one-line error. The app 
 from __future__ import annotations
 
 import html
+import inspect
 import logging
 
 import gradio as gr
@@ -57,6 +58,22 @@ def _pair_note(pair) -> str:
     hints = "; ".join(f"{SLOT_LABELS[s].split(' (')[0]}: {h}" for s, h in pair.defaults_hint.items())
     text = pair.note + (f"\n\nBlank weights mean: {hints}." if hints else "")
     return f"**Not available:** {unavailable}" if unavailable else text
+
+
+def with_progress(method, num_inputs: int, progress: gr.Progress):
+    """method(*values, progress=...) as a click handler with `num_inputs` positional inputs then `progress`.
+
+    Gradio hands a progress tracker only to a parameter it finds among the plain positional ones (it stops
+    at `*values`), so the handler gets an explicit signature: inputs v0..v{n-1}, then progress."""
+    def handler(*args):
+        *values, tracker = args if len(args) == num_inputs + 1 else (*args, progress)
+        return method(*values, progress=tracker)
+
+    params = [inspect.Parameter(f"v{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(num_inputs)]
+    params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=progress))
+    handler.__signature__ = inspect.Signature(params)
+    handler.__name__ = getattr(method, "__name__", "handler")
+    return handler
 
 
 class DemoApp:
@@ -184,9 +201,11 @@ def build_app(backend: DemoBackend | None = None) -> gr.Blocks:
 
         inputs = [pair_box, *weight_boxes, fraction, tgate, gate_step, sp_interval, fi_interval, warm_up,
                   sampler, steps, cfg_scale, labels, prompt, seed, num_samples, random_weights, precision]
-        generate_button.click(handlers.generate, inputs, [status, gallery, summary], concurrency_limit=1)
-        sweep_button.click(handlers.sweep, inputs + [sweep_fractions, sweep_samples], [status, plot, table],
-                           concurrency_limit=1)
+        generate_button.click(with_progress(handlers.generate, len(inputs), GENERATE_PROGRESS), inputs,
+                              [status, gallery, summary], concurrency_limit=1)
+        sweep_inputs = inputs + [sweep_fractions, sweep_samples]
+        sweep_button.click(with_progress(handlers.sweep, len(sweep_inputs), SWEEP_PROGRESS), sweep_inputs,
+                           [status, plot, table], concurrency_limit=1)
         pair_box.change(handlers.pair_changed, [pair_box],
                         [pair_note, *weight_boxes, fraction, sampler, steps, cfg_scale, gate_step, sp_interval,
                          fi_interval, warm_up, labels, prompt, num_samples])
