@@ -64,12 +64,14 @@ def _run_config(folder: Path, force_wandb: bool):
 
 
 def _fid(folders: list[Path], args) -> None:
+    from evaluation.fid import check_reference
     from evaluation.inception import InceptionFeatures
     from evaluation.run_eval import evaluate_into_run
     from runs.logging_wandb import run_logger
 
     settings = {"reference": args.reference, "inception_weights": args.inception_weights, "dims": args.dims,
                 "batch_size": args.batch_size, "nearest_k": args.nearest_k, "reference_stats": args.reference_stats}
+    check_reference(args.reference, "--reference")  # before the network is built (or fetched)
     net = InceptionFeatures(args.inception_weights, args.dims)  # built once for all folders
     print(f"{'run':<40} {'N':>6} {'FID':>9} {'IS':>8} {'precision':>9} {'recall':>7}")
     for folder in folders:

@@ -31,6 +31,8 @@ CASES = {
     "bench_peers": (["ratio=2"], "error: ratio=2: "),
     "evaluate": (["--dims", "5", "somewhere"], "error: --dims=5: choose from 64, 192, 768, 2048"),
     "evaluate_folders": (["{tmp}/nothing"], "error: runs={tmp}/nothing: no samples.npz"),
+    "evaluate_reference": (["{tmp}", "--reference", "{tmp}/none.npz"],
+                           "error: --reference={tmp}/none.npz: no such file"),
     "figures": (["--kind", "foo", "x"], "error: --kind=foo: choose from"),
     "figures_folders": (["{tmp}/nothing"], "error: sweeps={tmp}/nothing: no jobs"),
     "demo": (["--port", "abc"], "error: --port=abc: must be of type int"),
@@ -49,13 +51,17 @@ def _run(script, args, tmp_path, **env):
 def test_every_script_has_a_case():
     scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
     assert scripts == {case.split("_group")[0].split("_override")[0].split("_unknown")[0].split("_folders")[0]
-                       for case in CASES}
+                       .split("_reference")[0] for case in CASES}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_error_line_and_exit_status_2(case, tmp_path):
     args, start = CASES[case]
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if case == "evaluate_reference":  # a run folder with samples, so that the reference is what is wrong
+        import numpy as np
+
+        np.savez(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int64))
     script = next(s for s in sorted({p.stem for p in (ROOT / "scripts").glob("*.py")}, key=len, reverse=True)
                   if case == s or case.startswith(s + "_"))
     proc = _run(script, args, tmp_path)
