@@ -117,7 +117,7 @@ def test_bad_rules_are_refused_before_any_model(compose_sample):
         TStitchHook(ratio=0.4, rule="round")
     with pytest.raises(ValueError, match=r"timestep_form='sd': must be one of dit, ldm"):
         TStitchHook(ratio=0.4, rule="timestep", timestep_form="sd")
-    with pytest.raises(ValueError, match=r"tstitch rule='nope'"):
+    with pytest.raises(ValueError, match=r"^accel\.tstitch\.rule='nope': must be one of index, timestep, floor"):
         build_hooks(compose_sample("+exp=dit_stitch_0.4", "accel.tstitch.rule=nope"))
 
 
