@@ -45,6 +45,16 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def compose_config(config_name: str, *overrides: str):
+    """configs/<config_name>.yaml composed with the overrides (Hydra's global state cleared after)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def compose_sample():
     """compose_sample(*overrides) -> the composed configs/sample.yaml."""

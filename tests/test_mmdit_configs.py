@@ -8,8 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,7 +15,7 @@ from runs.count_macs import count_config
 from runs.run import run_from_config
 
 import tiny_mmdit as m
-from conftest import CONFIGS
+from conftest import CONFIGS, compose_config
 
 ROOT = CONFIGS.parent
 PROMPTS = ["a red fox", "a blue car"]
@@ -119,12 +117,7 @@ FLUX_TINY = dict(patch_size=1, in_channels=64, num_attention_heads=2, attention_
 
 
 def _compose_macs(*overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name="macs", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config("macs", *overrides)
 
 
 def _shrink(cfg, large: dict, small: dict | None):

@@ -5,8 +5,6 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -14,7 +12,7 @@ from diffusion.attention import find_attention
 from runs.count_macs import count_config, count_run, denoiser_inputs
 from tgate import Action, TGateConfig, TGateHook
 
-from conftest import CONFIGS
+from conftest import CONFIGS, compose_config
 from tgate_tiny import native_dit, pixart, unet
 
 ROOT = CONFIGS.parent
@@ -86,12 +84,7 @@ def test_count_macs_script_writes_macs_json(tmp_path):
 
 
 def _compose_macs(*overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name="macs", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config("macs", *overrides)
 
 
 def test_bad_settings_fail_in_the_counter_too():
