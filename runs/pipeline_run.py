@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusion.compile import CompileStats, compile_denoiser
 from diffusion.errors import UserError
+from diffusion.finite import check_finite_latents
 from diffusion.outputs import save_grid, save_json, save_npz, save_sample_pngs
 from diffusion.seeding import sample_generators
 from runs.config_keys import name_config_key
@@ -292,7 +293,10 @@ def _sample_pipeline(cfg: DictConfig, pipe, inputs, args, accels, images_in, out
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
-            batch_images = _to_uint8(out.images if hasattr(out, "images") else out.frames)
+            raw = out.images if hasattr(out, "images") else out.frames  # (B, H, W, 3) or (B, F, H, W, 3) floats
+            # NaN/inf anywhere in a sample (an overflow in fp16, bad weights): stop before its batch is written
+            check_finite_latents(torch.as_tensor(np.asarray(raw)), indices, [str(cfg.model.name)])
+            batch_images = _to_uint8(raw)
             save_sample_pngs(batch_images, indices, out_dir)
             images.append(batch_images)
             denoiser = _denoiser(pipe)

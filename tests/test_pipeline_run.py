@@ -217,3 +217,28 @@ def test_regional_compile_of_a_pipeline_is_its_unets_compile_repeated_blocks(com
     torch._dynamo.reset()
     assert compiled["compile"] == "regional" and compiled["compiled_graphs"] >= 1 and eager["compiled_graphs"] == 0
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "compiled"), _pngs(tmp_path / "eager"), strict=True))
+
+
+def test_a_pipeline_batch_with_nan_stops_the_run_before_it_is_written(compose_sample, folders, tmp_path, monkeypatch):
+    """Sample 1's image comes out NaN (as an fp16 overflow would): the run stops naming it, writes none of
+    its batch's PNGs and no done marker; the plain run of the same config writes them."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion.finite import NonFiniteSamplesError
+
+    cfg = compose_sample(*_overrides(folders))
+    run_from_config(cfg, tmp_path / "plain")
+    assert (tmp_path / "plain" / "000001.png").is_file()
+
+    real_forward = UNet2DConditionModel.forward
+
+    def nan_in_sample_1(self, sample, *args, **kwargs):
+        out = real_forward(self, sample, *args, **kwargs)
+        noise = out[0] if isinstance(out, tuple) else out.sample
+        noise[1::2] = float("nan")  # rows of sample 1 in the CFG batch [uncond 0, uncond 1, cond 0, cond 1]
+        return out
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", nan_in_sample_1)
+    with pytest.raises(NonFiniteSamplesError, match=r"samples \[1\] came out NaN/inf .*SD-1.5"):
+        run_from_config(cfg, tmp_path / "nan")
+    assert not list((tmp_path / "nan").glob("0*.png")) and not (tmp_path / "nan" / "done").exists()
