@@ -53,6 +53,12 @@ class CheckpointKeyError(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def full_errors() -> bool:
+    """HYDRA_FULL_ERROR=1 in the environment: tracebacks for every error (Hydra's own switch, used by
+    every script)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 def exit_with(err: ReportedError) -> None:
     """Print err's one line on stderr and end the process with its exit status."""
     sys.stderr.flush()
@@ -79,7 +85,7 @@ def reports_errors(task):
         try:
             return task(*args, **kwargs)
         except ReportedError as err:
-            if _in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra reports it (traceback)
+            if _in_multirun() or full_errors():  # Hydra reports it (traceback)
                 raise
             exit_with(err)
 

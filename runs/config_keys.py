@@ -9,6 +9,7 @@ error's message to start with that key (also kept as `err.config_key`).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -23,10 +24,11 @@ def _find(node, name: str) -> str | None:
     """The full key of argument `name` in node (depth first), following a plain `${key}` interpolation."""
     if not isinstance(node, DictConfig):
         return None
+    raw_values = OmegaConf.to_container(node, resolve=False)  # interpolations as written
     for key in node.keys():
         if key == "_target_":
             continue
-        raw = OmegaConf.to_container(node, resolve=False)[key]
+        raw = raw_values[key]
         if key == name:
             link = _INTERPOLATION.match(raw) if isinstance(raw, str) else None
             return link.group(1) if link else node._get_full_key(key)
@@ -49,3 +51,12 @@ def name_config_key(err: UserError, node) -> UserError:
         err.config_key = key
         err.args = (f"{key}={message[match.end():]}", *err.args[1:])
     return err
+
+
+@contextmanager
+def config_keys_of(node):
+    """A UserError raised inside names the key of `node` it came from (`name_config_key`)."""
+    try:
+        yield
+    except UserError as err:  # `ratio=1.5: ...` -> `accel.tstitch.ratio=1.5: ...`, the key the user sets
+        raise name_config_key(err, node) from None

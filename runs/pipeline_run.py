@@ -37,7 +37,7 @@ from diffusion.errors import UserError
 from diffusion.finite import check_finite_latents
 from diffusion.outputs import save_grid, save_json, save_npz, save_sample_pngs
 from diffusion.seeding import sample_generators
-from runs.config_keys import name_config_key
+from runs.config_keys import config_keys_of
 from runs.generate import check_counts
 from runs.speed import Speed
 
@@ -96,10 +96,8 @@ def build_pipeline_accels(cfg: DictConfig) -> list[PipelineAccel]:
                          f"accel=tgate_sdxl, accel=tgate_pixart or accel=none")
     built = []
     for name, node in entries.items():
-        try:
+        with config_keys_of(node):  # `gate_step=...` -> `accel.tgate.gate_step=...`
             built.append(PipelineAccel(name, node))
-        except UserError as err:  # `gate_step=...` -> `accel.tgate.gate_step=...`, the key the user sets
-            raise name_config_key(err, node) from None
     return built
 
 

@@ -28,7 +28,7 @@ from diffusion.seeding import class_labels
 from diffusion.solvers import NoiseSchedule, build_solver, check_solver_args
 from diffusion.vae import load_first_stage
 from runs.collect import RankResult, combine, first_steps, write_folder_outputs
-from runs.config_keys import name_config_key
+from runs.config_keys import config_keys_of
 from runs.distributed import Dist, batches_for_rank
 from runs.folder_lock import claim_folder
 from runs.generate import check_counts, generate
@@ -46,10 +46,8 @@ def call_target(node, **extra):
     unlike hydra's instantiate, which wraps them)."""
     kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     target = get_method(kwargs.pop("_target_"))
-    try:
+    with config_keys_of(node):
         return target(**kwargs, **extra)
-    except UserError as err:  # `ratio=1.5: ...` -> `accel.tstitch.ratio=1.5: ...`, the key the user sets
-        raise name_config_key(err, node) from None
 
 
 def resolve_device(name: str) -> torch.device:

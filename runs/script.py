@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import re
 import sys
 
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from diffusion.errors import ReportedError, UserError, exit_with, reports_errors
-
-
-def full_errors() -> bool:
-    """HYDRA_FULL_ERROR=1: tracebacks for every error (Hydra's own switch, used for every script)."""
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+from diffusion.errors import ReportedError, UserError, exit_with, full_errors, reports_errors
 
 
 def _override_of(key: str) -> str | None:
@@ -49,7 +43,7 @@ def composition_error(ex: Exception) -> UserError | None:
     if isinstance(ex, OverrideParseException):
         return UserError(f"{ex.override}: not an override Hydra can parse ({ex.message.splitlines()[0]}); "
                          "the form is key=value, +key=value or ~key")
-    if isinstance(ex, (MissingConfigException, OverrideParseException)) or "hydra.errors" in type(ex).__module__:
+    if type(ex).__module__ == "hydra.errors":  # ConfigCompositionException and the rest of Hydra's own
         lines = [line.strip() for line in str(ex).splitlines() if line.strip()]
         cause = ex.__cause__
         if isinstance(cause, OmegaConfBaseException):  # e.g. "Key 'foo' is not in struct"

@@ -12,11 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deep_cache import DeepCacheHook
-from diffusion.errors import UserError
 from diffusion.outputs import save_json
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.timing import time_with_and_without
-from runs.config_keys import name_config_key
+from runs.config_keys import config_keys_of
 from runs.count_macs import build_meta_denoiser, count_run
 from runs.run import build_denoiser, resolve_device
 from runs.script import hydra_errors, job_errors
@@ -36,10 +35,8 @@ def main(cfg: DictConfig) -> None:
     latent = int(cfg.model.unet.image_size)
     shape = (int(cfg.model.unet.in_channels), latent, latent)
     settings = OmegaConf.to_container(cfg.deep_cache)
-    try:
+    with config_keys_of(cfg.deep_cache):  # `cache_interval=0: ...` -> `deep_cache.cache_interval=0: ...`
         DeepCacheHook(**settings)  # checked before any model is built
-    except UserError as err:  # `cache_interval=0: ...` -> `deep_cache.cache_interval=0: ...`
-        raise name_config_key(err, cfg.deep_cache) from None
     solver = build_solver("ddim", cfg.steps, NoiseSchedule(**cfg.schedule), spacing="ldm")
 
     # all-ops MACs per image over the run, the hook acting on a meta copy (as scripts/count_macs.py)

@@ -12,12 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.tgate import predicted_macs, time_gating
-from diffusion.errors import UserError
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.solvers import build_solver
 from dit import build_dit
-from runs.config_keys import name_config_key
+from runs.config_keys import config_keys_of
 from runs.run import resolve_device
 from runs.script import hydra_errors, job_errors
 from runs.speed import Speed
@@ -36,10 +35,8 @@ def main(cfg: DictConfig) -> None:
     speed = Speed.from_config(cfg, device)
     latent = cfg.image_size // 8
     settings = OmegaConf.to_container(cfg.tgate)
-    try:
+    with config_keys_of(cfg.tgate):  # `gate_step=0: ...` -> `tgate.gate_step=0: ...`
         TGateHook(**settings)  # the gate setting checked before any model is built
-    except UserError as err:  # `gate_step=0: ...` -> `tgate.gate_step=0: ...`
-        raise name_config_key(err, cfg.tgate) from None
     with torch.device("meta"):
         macs = predicted_macs(build_dit(cfg.denoiser, input_size=latent), cfg.image_size, cfg.steps,
                               cfg.cfg_scale != 1, settings)
