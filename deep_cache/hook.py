@@ -24,6 +24,7 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
 from diffusion import Hook, SamplingPlan, StepContext
+from diffusion.compile import kept
 from diffusion.errors import UserError
 
 from .unet2d import attach_unet2d_cache, detach_unet2d_cache, find_diffusers_unets
@@ -78,7 +79,7 @@ class UNetFeatureCache(ModelHook):
 
     def _record(self, module, args, output) -> None:
         if self._recording:
-            self.feature = output
+            self.feature = kept(output)  # a clone under CUDA graphs (diffusion.compile.kept)
 
     def remove(self) -> None:
         self._capture.remove()

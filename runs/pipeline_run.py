@@ -189,21 +189,16 @@ def pipeline_dtype(name: str | None, precision: str, device: torch.device) -> to
     return wanted
 
 
-def compile_pipeline(pipe, mode: str, backend: str) -> None:
-    """compile=regional: each denoiser's own `compile_repeated_blocks` (the stitched models too);
-    full: each denoiser whole. In place, lazy."""
+def compile_pipeline(pipe, mode: str, backend: str, compile_mode: str = "default") -> None:
+    """compile=regional: each denoiser's repeated blocks (its class's `_repeated_blocks`, or our table
+    diffusion.compile.REPEATED_BLOCKS for SD3, PixArt, DiT), one compiled region per model (the stitched
+    models too); full: each denoiser whole. In place, lazy."""
     if mode == "none":
         return
     denoiser = _denoiser(pipe)
     models = getattr(denoiser, "models", None)  # a stitched denoiser holds several
     for model in (list(models) if isinstance(models, torch.nn.ModuleList) else [denoiser]):
-        if mode == "regional" and not getattr(model, "_repeated_blocks", None):
-            raise UserError(f"compile=regional: {type(model).__name__} lists no repeated blocks "
-                             "(_repeated_blocks); use compile=full or compile=none")
-        if mode == "regional" and hasattr(model, "compile_repeated_blocks"):
-            model.compile_repeated_blocks(backend=backend)
-        else:
-            compile_denoiser(model, mode, backend)
+        compile_denoiser(model, mode, backend, compile_mode)
 
 
 def load_pipeline(model_cfg: DictConfig, scheduler: str | None, device: torch.device, precision: str = "auto"):
@@ -276,7 +271,7 @@ def _sample_pipeline(cfg: DictConfig, pipe, inputs, args, accels, images_in, out
         for accel in accels:
             accel.apply(pipe)
             applied.append(accel)
-        compile_pipeline(pipe, speed.compile, speed.backend)  # after the accels: a stitched denoiser's models too
+        compile_pipeline(pipe, speed.compile, speed.backend, speed.compile_mode)  # after the accels: a stitched denoiser's models too
         starts = range(0, cfg.num_samples, cfg.batch_size)
         for start in tqdm(starts, desc="batches", disable=not cfg.progress or len(starts) == 1):
             indices = list(range(start, min(start + cfg.batch_size, cfg.num_samples)))

@@ -1,4 +1,4 @@
-"""A run's speed settings (`precision`, `compile`, `compile_backend`), resolved once and applied to
+"""A run's speed settings (`precision`, `compile`, `compile_backend`, `compile_mode`), resolved once and applied to
 the networks it builds: scripts/sample.py's run and the benchmarks share them."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffusion.compile import check_compile, compile_denoiser
+from diffusion.compile import check_compile, compile_denoiser, resolve_compile_mode
 from diffusion.precision import compute_dtype, resolve_precision, tf32_matmuls
 
 
@@ -18,13 +18,19 @@ class Speed:
     compile: str = "none"
     backend: str = "inductor"
     device: torch.device = torch.device("cpu")
+    compile_mode: str = "default"  # resolved: reduce-overhead on a CPU is default (diffusion.compile)
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> Speed:
-        """From a config's top-level keys (precision, compile, compile_backend); bad values raise here."""
+        """From a config's top-level keys (precision, compile, compile_backend, compile_mode); bad values
+        raise here."""
         mode, backend = cfg.get("compile", "none"), cfg.get("compile_backend", "inductor")
-        check_compile(mode, backend)
-        return cls(resolve_precision(cfg.get("precision", "auto"), device), mode, backend, torch.device(device))
+        compile_mode = cfg.get("compile_mode", "default")
+        check_compile(mode, backend, compile_mode)
+        precision = resolve_precision(cfg.get("precision", "auto"), device)
+        if mode != "none":
+            compile_mode = resolve_compile_mode(compile_mode, device)
+        return cls(precision, mode, backend, torch.device(device), compile_mode)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -38,7 +44,7 @@ class Speed:
 
     def compile_model(self, model: nn.Module) -> nn.Module:
         """torch.compile per `compile`, in place and lazy: the first forwards compile."""
-        compile_denoiser(model, self.compile, self.backend)
+        compile_denoiser(model, self.compile, self.backend, self.compile_mode)
         return model
 
     def matmuls(self) -> AbstractContextManager:
@@ -46,4 +52,4 @@ class Speed:
         return tf32_matmuls(self.precision, self.device)
 
     def as_metrics(self) -> dict:
-        return {"precision": self.precision, "compile": self.compile}
+        return {"precision": self.precision, "compile": self.compile, "compile_mode": self.compile_mode}
