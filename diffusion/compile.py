@@ -100,6 +100,11 @@ def _mark_batch_dynamic(args, kwargs) -> None:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+def _mode_option(backend: str, compile_mode: str) -> dict:
+    """torch.compile's `mode` keyword: inductor's (the other backends warn and ignore it)."""
+    return {"mode": compile_mode} if backend == "inductor" and compile_mode != "default" else {}
+
+
 class CompiledForward:
     """A module's forward, compiled: set as the module's `forward`, so its `__call__` (and hooks) stay eager."""
 
@@ -125,16 +130,15 @@ class ModelCompiler:
         if func is None or not isinstance(getattr(bound, "__self__", None), nn.Module):
             return bound
         if func not in self._compiled:
-            options = {"mode": self.compile_mode} if self.backend == "inductor" and self.compile_mode != "default" else {}
-            self._compiled[func] = torch.compile(func, backend=self.backend, isolate_recompiles=True, **options)
+            self._compiled[func] = torch.compile(func, backend=self.backend, isolate_recompiles=True,
+                                                 **_mode_option(self.backend, self.compile_mode))
         return CompiledForward(self._compiled[func], bound.__self__)
 
     def compile_module(self, module: nn.Module) -> None:
         """In place: the module's class forward compiled. A module whose `forward` was already replaced
         (another library's hook) is compiled the plain way, `module.compile` (the shared region)."""
         if "forward" in vars(module):
-            options = {"mode": self.compile_mode} if self.backend == "inductor" and self.compile_mode != "default" else {}
-            module.compile(backend=self.backend, **options)
+            module.compile(backend=self.backend, **_mode_option(self.backend, self.compile_mode))
             return
         module.forward = self.compile_method(MethodType(type(module).forward, module))
 
@@ -157,8 +161,7 @@ def compile_denoiser(model: nn.Module, mode: str, backend: str = "inductor", com
     _cuda_graphs = _cuda_graphs or (compile_mode == "reduce-overhead" and backend == "inductor")
     compiler = ModelCompiler(backend, compile_mode)
     if mode == "full":
-        options = {"mode": compile_mode} if backend == "inductor" and compile_mode != "default" else {}
-        model.compile(backend=backend, isolate_recompiles=True, **options)
+        model.compile(backend=backend, isolate_recompiles=True, **_mode_option(backend, compile_mode))
         _compile_hook_inners(model, compiler)
         return 1
     names = repeated_block_names(model)

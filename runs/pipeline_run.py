@@ -271,7 +271,7 @@ def _sample_pipeline(cfg: DictConfig, pipe, inputs, args, accels, images_in, out
         for accel in accels:
             accel.apply(pipe)
             applied.append(accel)
-        compile_pipeline(pipe, speed.compile, speed.backend, speed.compile_mode)  # after the accels: a stitched denoiser's models too
+        compile_pipeline(pipe, speed.compile, speed.backend, speed.compile_mode)  # after the accels: stitched ones too
         starts = range(0, cfg.num_samples, cfg.batch_size)
         for start in tqdm(starts, desc="batches", disable=not cfg.progress or len(starts) == 1):
             indices = list(range(start, min(start + cfg.batch_size, cfg.num_samples)))
