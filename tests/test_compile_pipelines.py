@@ -3,7 +3,6 @@ own): their blocks compiled through our name table, one region per model, with T
 compiled images equal the eager ones of the same technique, which differ from the plain ones."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,10 @@ from tstitch import stitch_pipeline, unstitch_pipeline
 import tiny_mmdit as m
 import tiny_pipelines as t
 
-MMDIT_CALL = dict(height=m.IMAGE_SIZE, width=m.IMAGE_SIZE, output_type="np", max_sequence_length=m.MAX_TOKENS)
+# latents, not images: a random-weight pipeline's images differ by little between variants
+MMDIT_CALL = dict(height=m.IMAGE_SIZE, width=m.IMAGE_SIZE, output_type="latent", max_sequence_length=m.MAX_TOKENS)
+PIXART_CALL = dict(output_type="latent", height=16, width=16, use_resolution_binning=False, clean_caption=False,
+                   max_sequence_length=8)
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +28,9 @@ def fresh_dynamo():
 
 
 def _images(pipe, steps=6, **call):
-    return pipe("a red fox", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **call).images
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red fox", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **call).images
+    return torch.as_tensor(out).float()
 
 
 def _blocks(model, name):
@@ -50,15 +54,17 @@ def _eager_then_compiled(build, apply, call):
 
 def _check(plain, eager, compiled, stats):
     assert stats.graphs >= 1 and stats.limit_hits == 0
-    assert np.abs(compiled - eager).max() < 1e-4
-    assert np.abs(plain - eager).max() > 1e-3  # the technique acts
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    # measured: compiled equals eager bitwise; the technique moves the latents by 1.6e-4 (tiny PixArt, T-GATE)
+    # to 0.3 (stitched SD3 / Flux)
+    assert rel(compiled, eager) < 1e-6
+    assert rel(plain, eager) > 5e-5  # the technique acts
 
 
 def test_pixart_with_tgate_compiles_its_basic_transformer_blocks():
     config = TGateConfig(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1, branch="cond")
     plain, eager, compiled, pipe, stats = _eager_then_compiled(
-        lambda: t.pixart_alpha(seed=0), lambda p: apply_tgate(p, config), dict(output_type="np", height=16, width=16, use_resolution_binning=False,
-                                                                  clean_caption=False, max_sequence_length=8))
+        lambda: t.pixart_alpha(seed=0), lambda p: apply_tgate(p, config), PIXART_CALL)
     blocks = _blocks(pipe.transformer, "BasicTransformerBlock")
     assert blocks and all(isinstance(b.forward, CompiledForward) for b in blocks)
     _check(plain, eager, compiled, stats)
