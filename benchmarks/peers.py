@@ -64,6 +64,7 @@ class Row:
     latents: torch.Tensor | None = None
     peak_bytes: int | None = None  # CUDA: the row's weights + the most its run allocated on top
     compile_seconds: float = 0.0
+    compile_counts: dict = field(default_factory=dict)  # compiled_graphs, recompiles, recompile_limit_hit
 
 
 def _sync(device: torch.device) -> None:
@@ -202,6 +203,7 @@ def time_rows(rows: list[Row], *, repeats: int, warmup: int, device: torch.devic
             for _ in range(warmup):
                 _once(row, device)
         row.compile_seconds = compiled.seconds
+        row.compile_counts = {k: v for k, v in compiled.as_metrics().items() if k != "compile_seconds"}
         row.extra_seconds.clear()
     for _ in range(repeats):
         for row in rows:
@@ -221,7 +223,8 @@ def table(rows: list[Row], batch_size: int) -> tuple[str, list[dict]]:
         memory = f"{r.peak_bytes / 2**30:.2f}" if r.peak_bytes is not None else "n/a (CPU)"
         record = {"row": r.key, "label": r.label, "seconds_per_image": per_image[r.key],
                   "speedup_over_a": per_image["a"] / per_image[r.key], "max_abs_diff_from_c": diff,
-                  "peak_bytes": r.peak_bytes, "compile_seconds": r.compile_seconds, "runs": r.seconds}
+                  "peak_bytes": r.peak_bytes, "compile_seconds": r.compile_seconds, **r.compile_counts,
+                  "runs": r.seconds}
         if r.extra_seconds:
             record["vae_decode_seconds_per_image"] = statistics.median(r.extra_seconds) / batch_size
         records.append(record)

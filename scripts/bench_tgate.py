@@ -2,7 +2,9 @@
 
 python scripts/bench_tgate.py                        # DiT-XL/2 256px, 10 DDIM steps, g5 sp2 fi2 wu1
 python scripts/bench_tgate.py device=cuda batch_size=8 steps=50 tgate.gate_step=25
+python scripts/bench_tgate.py compile=regional       # also the eager rows, in the same run: compiled / eager ratios
 """
+import copy
 import logging
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.tgate import predicted_macs, time_gating
+from diffusion.compile import CompileStats
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.solvers import build_solver
@@ -43,12 +46,16 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(0)
     model = build_dit(cfg.denoiser, input_size=latent)
     fill_zero_init_layers(model)  # random weights as pretrained=false draws them: attention that matters
-    model = speed.compile_model(speed.cast(model.to(device).eval()))
+    model = speed.cast(model.to(device).eval())
+    eager = copy.deepcopy(model) if speed.compile != "none" else None  # same weights, never compiled
+    model = speed.compile_model(model)
     solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
+    timing = dict(latent_shape=(4, latent, latent), batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
+                  repeats=cfg.repeats, warmup=cfg.warmup, device=device, model_dtype=speed.dtype)
     with speed.matmuls():
-        times = time_gating(model, solver, settings, latent_shape=(4, latent, latent), batch_size=cfg.batch_size,
-                            cfg_scale=cfg.cfg_scale, repeats=cfg.repeats, warmup=cfg.warmup, device=device,
-                            model_dtype=speed.dtype)
+        with CompileStats() as compiled:  # one region per model: the limit never mixes it with other runs
+            times = time_gating(model, solver, settings, **timing)
+        eager_times = time_gating(eager, solver, settings, **timing) if eager is not None else None
     measured, predicted = times["baseline"] / times["gated"], macs["baseline"] / macs["gated"]
     threads = torch.get_num_threads()
     gate = " ".join(f"{k}={v}" for k, v in settings.items())
@@ -61,8 +68,14 @@ def main(cfg: DictConfig) -> None:
           f"| T-GATE | {times['gated']:.2f} | {macs['gated'] / 1e9:.1f} |\n"
           f"measured speed-up {measured:.3f}x, MACs-predicted {predicted:.3f}x, "
           f"measured / predicted = {measured / predicted:.1%}")
+    if eager_times is not None:
+        print(f"| eager baseline | {eager_times['baseline']:.2f} | |\n| eager T-GATE | {eager_times['gated']:.2f} | |\n"
+              f"compiled / eager: baseline {eager_times['baseline'] / times['baseline']:.3f}x, "
+              f"T-GATE {eager_times['gated'] / times['gated']:.3f}x; {compiled.graphs} graphs, "
+              f"{compiled.recompiles} recompiles, recompile limit hit: {compiled.limit_hits > 0}")
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
     save_json({"times": times, "macs": macs, "measured_speedup": measured, "predicted_speedup": predicted,
+               "eager_times": eager_times, **compiled.as_metrics(),
                "device": str(device), "threads": threads, **speed.as_metrics(),
                "config": OmegaConf.to_container(cfg)}, out)
     log.info("wrote %s", out)
