@@ -29,9 +29,11 @@ differs from that record (a new batch, guidance switched off) runs in full.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffusion.compile import kept
 from diffusion.errors import UserError
 
 HOOK_NAME = "deep_cache"
@@ -117,16 +119,23 @@ class PartReplay(ModelHook):
         super().__init__()
         self.cache, self.name = cache, name
         self.outputs: dict = {}  # pass index -> what the part returned for that pass at the last full step
+        self.inner = None  # the part's own forward, compiled (compile_inner); None: fn_ref.original_forward
 
+    def compile_inner(self, compile_method) -> None:
+        """compile=regional/full: the part's own forward as a compiled region; the replay decision stays
+        eager (traced, each mode would be a guard of the enclosing compiled block)."""
+        self.inner = compile_method(self.fn_ref.original_forward)
+
+    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         mode, key = self.cache.mode, self.cache.pass_index
         if mode == REPLAY:
             if key not in self.outputs:
                 raise RuntimeError(f"deep_cache: {self.name} has no recorded output to reuse")
             return self.outputs[key]
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = (self.inner or self.fn_ref.original_forward)(*args, **kwargs)
         if mode == RECORD:
-            self.outputs[key] = out
+            self.outputs[key] = kept(out)  # a clone under CUDA graphs (diffusion.compile.kept)
         return out
 
 

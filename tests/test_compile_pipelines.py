@@ -95,3 +95,16 @@ def test_stitched_mmdit_pipelines_compile_each_model_regionally(family):
             assert blocks and all(isinstance(b.forward, CompiledForward) for b in blocks)
     _check(plain, eager, compiled, stats)
     unstitch_pipeline(pipe)
+
+
+def test_sd_unet_with_deep_cache_compiles_and_equals_eager():
+    """DeepCache's part replays sit inside the U-Net's compiled blocks: their decision stays eager."""
+    import tiny_sd
+
+    from deep_cache import apply_deep_cache
+
+    call = dict(output_type="latent", height=32, width=32)
+    plain, eager, compiled, pipe, stats = _eager_then_compiled(
+        lambda: tiny_sd.sd_pipeline(0), lambda p: apply_deep_cache(p, cache_interval=3, cache_branch_id=0), call)
+    assert any(isinstance(b.forward, CompiledForward) for b in pipe.unet.modules() if "forward" in vars(b))
+    _check(plain, eager, compiled, stats)
