@@ -99,9 +99,9 @@ def test_stitched_mmdit_pipelines_compile_each_model_regionally(family):
 
 def test_sd_unet_with_deep_cache_compiles_and_equals_eager():
     """DeepCache's part replays sit inside the U-Net's compiled blocks: their decision stays eager."""
-    import tiny_sd
-
     from deep_cache import apply_deep_cache
+
+    import tiny_sd
 
     call = dict(output_type="latent", height=32, width=32)
     plain, eager, compiled, pipe, stats = _eager_then_compiled(
