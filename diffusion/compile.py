@@ -224,16 +224,17 @@ class CompileStats:
         new = events[next((i + 1 for i, e in enumerate(events) if e is last), 0):] if last is not None else events
         self.seconds += _compile_seconds() - seconds
         self.graphs += counters["stats"]["unique_graphs"] - graphs
+        hits = [event for event in new if _limit_hit(event)]
         for event in new:
-            if _limit_hit(event):
-                self.limit_hits += 1
-                log.warning("torch.compile: %s hit dynamo's recompile_limit (%d): it runs eager from here on; "
-                            "last reason: %s", event.co_name, torch._dynamo.config.recompile_limit,
-                            (event.recompile_reason or "?").splitlines()[0])
-            elif event.recompile_reason:
+            if event.recompile_reason and not _limit_hit(event):
                 self.recompiles += 1
                 self.reasons.append(f"{event.compile_id} {event.co_name}: {event.recompile_reason}")
                 log.debug("recompiled %s (%s): %s", event.co_name, event.compile_id, event.recompile_reason)
+        if hits:  # one line, however many frames hit it
+            self.limit_hits += len(hits)
+            log.warning("torch.compile hit dynamo's recompile_limit (%d) in %d frame(s), first %s: those run eager "
+                        "from here on; its last reason: %s", torch._dynamo.config.recompile_limit, len(hits),
+                        hits[0].co_name, (hits[0].recompile_reason or "?").splitlines()[0])
 
     def as_metrics(self) -> dict:
         return {"compile_seconds": self.seconds, "compiled_graphs": self.graphs, "recompiles": self.recompiles,
