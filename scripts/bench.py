@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from benchmarks.tstitch import check_ratios, format_table, time_ratios
+from diffusion.compile import CompileStats
 from diffusion.outputs import save_json
 from diffusion.random_weights import fill_zero_init_layers
 from diffusion.solvers import build_solver
@@ -41,16 +42,21 @@ def main(cfg: DictConfig) -> None:
         speed.compile_model(speed.cast(model.to(device)))
     solver = build_solver(cfg.sampler, cfg.steps, learned_variance=True)
     with speed.matmuls():
-        rows = time_ratios(small, large, solver, list(cfg.ratios), latent_shape=(4, latent, latent),
-                           batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, repeats=cfg.repeats,
-                           warmup=cfg.warmup, device=device, model_dtype=speed.dtype)
+        with CompileStats() as compiled:  # one region per model: the limit never mixes variants
+            rows = time_ratios(small, large, solver, list(cfg.ratios), latent_shape=(4, latent, latent),
+                               batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, repeats=cfg.repeats,
+                               warmup=cfg.warmup, device=device, model_dtype=speed.dtype)
     table = format_table(rows, cfg.small, cfg.large)
     threads = torch.get_num_threads()
     print(f"\n{cfg.small} -> {cfg.large}, {cfg.image_size}px, {cfg.sampler} x{cfg.steps}, batch {cfg.batch_size}, "
           f"cfg {cfg.cfg_scale}, {speed.precision}, compile={speed.compile}, {device} ({threads} threads), "
           f"median of {cfg.repeats}\n{table}")
+    if speed.compile != "none":
+        print(f"{compiled.graphs} graphs, {compiled.recompiles} recompiles, "
+              f"recompile limit hit: {compiled.limit_hits > 0}")
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
     save_json({"rows": rows, "device": str(device), "threads": threads, **speed.as_metrics(),
+               **compiled.as_metrics(),
                "config": json.loads(json.dumps(
         {k: (list(v) if k == "ratios" else v) for k, v in cfg.items() if k != "hydra"}))}, out)
     log.info("wrote %s", out)

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deep_cache import DeepCacheHook
+from diffusion.compile import CompileStats
 from diffusion.outputs import save_json
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.timing import time_with_and_without
@@ -52,10 +53,11 @@ def main(cfg: DictConfig) -> None:
 
     model = speed.compile_model(speed.cast(build_denoiser(cfg.model, latent, pretrained=False, device=device)))
     with speed.matmuls():
-        times = time_with_and_without([model], solver, DeepCacheHook(**settings), latent_shape=shape,
-                                      batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
-                                      null_label=cfg.model.num_classes, repeats=cfg.repeats, warmup=cfg.warmup,
-                                      device=device, model_dtype=speed.dtype)
+        with CompileStats() as compiled:  # one region per model: the limit never mixes variants
+            times = time_with_and_without([model], solver, DeepCacheHook(**settings), latent_shape=shape,
+                                          batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
+                                          null_label=cfg.model.num_classes, repeats=cfg.repeats, warmup=cfg.warmup,
+                                          device=device, model_dtype=speed.dtype)
     measured, predicted = times["baseline"] / times["hooked"], plain_macs / cached_macs
     threads = torch.get_num_threads()
     print(f"\n{cfg.model.name}, latent {shape}, DDIM x{cfg.steps}, batch {cfg.batch_size}, cfg {cfg.cfg_scale}, "
@@ -65,10 +67,14 @@ def main(cfg: DictConfig) -> None:
           f"| baseline | {times['baseline']:.2f} | {plain_macs / 1e9:.1f} |\n"
           f"| DeepCache | {times['hooked']:.2f} | {cached_macs / 1e9:.1f} |\n"
           f"measured speed-up {measured:.3f}x, MACs-predicted {predicted:.3f}x")
+    if speed.compile != "none":
+        print(f"{compiled.graphs} graphs, {compiled.recompiles} recompiles, "
+              f"recompile limit hit: {compiled.limit_hits > 0}")
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
     save_json({"times": times, "macs": {"baseline": plain_macs, "deep_cache": cached_macs},
                "measured_speedup": measured, "predicted_speedup": predicted, "device": str(device),
-               "threads": threads, **speed.as_metrics(), "config": OmegaConf.to_container(cfg)}, out)
+               "threads": threads, **speed.as_metrics(), **compiled.as_metrics(),
+               "config": OmegaConf.to_container(cfg)}, out)
     log.info("wrote %s", out)
 
 
