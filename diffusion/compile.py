@@ -9,7 +9,8 @@ regional  each repeated block compiled (diffusers' `compile_repeated_blocks` con
           and DiT-L share `DiTBlock.forward`) never fill each other's cache. The batch dimension is marked
           dynamic at every block call, so halving the CFG batch at T-GATE's gate compiles nothing new. The
           model's own forward and every hook on the block (DeepCache's feature capture) stay eager
-full      the whole denoiser compiled (`nn.Module.compile`, in place: hooks still find its modules)
+full      the whole denoiser compiled (its forward, in place: hooks still find its modules), its own region and
+          the batch dynamic as for a block
 
 Hooks that decide per step inside a block (T-GATE's attention wrappers) keep their decision out of the
 compiled code (`torch.compiler.disable`): a traced decision would be a guard, and the graphs would then
@@ -122,6 +123,7 @@ class ModelCompiler:
 
     backend: str = "inductor"
     compile_mode: str = "default"
+    dynamic: bool | None = None  # torch.compile's: True for a whole model (see compile_denoiser)
     _compiled: dict = field(default_factory=dict)
 
     def compile_method(self, bound):
@@ -131,7 +133,7 @@ class ModelCompiler:
             return bound
         if func not in self._compiled:
             self._compiled[func] = torch.compile(func, backend=self.backend, isolate_recompiles=True,
-                                                 **_mode_option(self.backend, self.compile_mode))
+                                                 dynamic=self.dynamic, **_mode_option(self.backend, self.compile_mode))
         return CompiledForward(self._compiled[func], bound.__self__)
 
     def compile_module(self, module: nn.Module) -> None:
@@ -161,7 +163,10 @@ def compile_denoiser(model: nn.Module, mode: str, backend: str = "inductor", com
     _cuda_graphs = _cuda_graphs or (compile_mode == "reduce-overhead" and backend == "inductor")
     compiler = ModelCompiler(backend, compile_mode)
     if mode == "full":
-        model.compile(backend=backend, isolate_recompiles=True, **_mode_option(backend, compile_mode))
+        # a hook's eager decision splits the model's frame at each block; the frames after a split get
+        # unmarked tensors, so sizes are dynamic from the start (dynamic=True) rather than marked
+        compiler.dynamic = True
+        compiler.compile_module(model)  # its own region
         _compile_hook_inners(model, compiler)
         return 1
     names = repeated_block_names(model)
