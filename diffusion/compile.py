@@ -138,7 +138,10 @@ class ModelCompiler:
 
     def compile_module(self, module: nn.Module) -> None:
         """In place: the module's class forward compiled. A module whose `forward` was already replaced
-        (another library's hook) is compiled the plain way, `module.compile` (the shared region)."""
+        (another library's hook) is compiled the plain way, `module.compile` (the shared region); one
+        compiled already is left as it is."""
+        if isinstance(vars(module).get("forward"), CompiledForward):
+            return
         if "forward" in vars(module):
             module.compile(backend=self.backend, **_mode_option(self.backend, self.compile_mode))
             return
