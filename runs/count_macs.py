@@ -29,6 +29,7 @@ from diffusion.macs import count_macs, count_sampling_macs
 from diffusion.sampler import check_cfg_scale
 from diffusion.solvers import NoiseSchedule, build_solver
 from runs.run import build_denoiser, build_hooks, model_configs, model_names
+from runs.techniques import label
 
 
 def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
@@ -177,7 +178,7 @@ def format_table(cfg: DictConfig, result: dict) -> str:
     _, scale, use_cfg = run_settings(cfg)
     names = " -> ".join(str(c.name) for c in model_configs(cfg))
     head = (f"{cfg.model.name}, {cfg.sampler.name} x{len(base['per_step'])} steps, cfg_scale {scale:g}"
-            f"{'' if use_cfg else ' (no CFG batch)'}, accel={cfg.accel.name} ({names}); MACs for one image")
+            f"{'' if use_cfg else ' (no CFG batch)'}, accel={label(cfg.accel)} ({names}); MACs for one image")
     lines = [head, f"{'':12s} {'paper (T)':>10s} {'all ops (T)':>12s} {'speed-up':>9s}"]
     for key, row in result.items():
         lines.append(f"{key:12s} {row['macs_paper'] / 1e12:10.3f} {row['macs_all'] / 1e12:12.3f} "
