@@ -67,8 +67,14 @@ def model_configs(cfg: DictConfig) -> list[DictConfig]:
 
 
 def model_keys(cfg: DictConfig) -> list[str]:
-    """The config keys of model_configs(cfg): accel.models.<name>..., then model."""
-    return [f"accel.models.{k}" for k in stitched_models(cfg.accel)] + ["model"]
+    """The config keys of model_configs(cfg) as a user sets them: accel.models.<name>... (the family's partner,
+    `${family.stitch.small}`, is set as family.stitch.small), then model."""
+    keys = []
+    for k in stitched_models(cfg.accel):
+        node = cfg.accel.models._get_node(k)
+        raw = str(node._value()) if node._is_interpolation() else ""
+        keys.append(raw[2:-1] if raw.startswith("${") and raw.endswith("}") else f"accel.models.{k}")
+    return keys + ["model"]
 
 
 def model_names(configs) -> list[str]:
@@ -89,7 +95,7 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
         if c.get("count_only", False):  # e.g. model=sdxl: an architecture for scripts/count_macs.py
             raise UserError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "
                              "scripts/sample.py samples class-conditional models (DiT) for now")
-        if c.get("kind") == "pipeline":  # e.g. accel=tstitch_sd35's small model beside a native one
+        if c.get("kind") == "pipeline":  # e.g. a pipeline partner beside a native model
             raise UserError(f"accel={label(cfg.accel)} adds {c.name!r}, a diffusers pipeline model, to "
                              f"{cfg.model.name!r}, a native model; stitch native models of one latent space")
     check_counts(cfg.num_samples, cfg.batch_size)

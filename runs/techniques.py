@@ -144,7 +144,7 @@ def check_partner(cfg: DictConfig, shown: str) -> None:
         if not isinstance(node, DictConfig):
             raise UserError(f"{shown}: model {model!r} has no T-Stitch partner (accel.models.{key} is "
                             f"{OmegaConf.to_container(cfg.accel.models, resolve=False).get(key)!r}); name one: "
-                            f"model@family.stitch.small=<model config>, or stitch a model that has one "
+                            f"+model@family.stitch.small=<model config>, or stitch a model that has one "
                             f"(configs/family/*.yaml with stitch.small)")
         if (node.get("kind") == "pipeline") != (cfg.model.get("kind") == "pipeline"):
             raise UserError(f"{shown}: the partner {node.get('name')!r} (accel.models.{key}) and {model!r} cannot be "

@@ -15,7 +15,7 @@ ROOT = CONFIGS.parent
 SCRIPTS = ROOT / "scripts"
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "num_samples=6", "batch_size=6", "progress=false",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from conftest import CONFIGS
 
 ROOT = CONFIGS.parent
 CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-         f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+         f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 # 2 x 2 points: the large model alone, T-Stitch 0.4 (2 of 6 steps), T-GATE g3, both; 6 DDIM steps, 12 samples
 TINY = ["base_point=false", "num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4",
         "timing.repeats=2", "timing.warmup=0", "grids=[{fractions: [0.0, 0.4], gates: [null, {gate_step: 3}]}]"]

@@ -97,7 +97,7 @@ def _sample(*overrides, cwd):
 def test_sample_py_runs_a_compvis_pair_stitched_and_gated(tiny_pair, tmp_path):
     (ckpt, config), (ckpt_s, config_s) = tiny_pair
     common = ["+exp=ldm_stitch_0.4", f"model.ckpt={ckpt}", f"model.compvis_config={config}",
-              f"accel.models.small.ckpt={ckpt_s}", f"accel.models.small.compvis_config={config_s}"]
+              f"family.stitch.small.ckpt={ckpt_s}", f"family.stitch.small.compvis_config={config_s}"]
     stitched = _sample(*common, f"hydra.run.dir={tmp_path / 'stitch'}", cwd=tmp_path)
     assert stitched.returncode == 0, stitched.stderr[-3000:]
     gated = _sample(*common, "accel=tstitch_ldm_tgate", "accel.tgate.gate_step=5", "accel.tgate.sp_interval=2",
