@@ -291,7 +291,8 @@ def test_digits_fast_samples_and_differs_from_its_baseline(compose_sample, tmp_p
 
 
 def test_tgate_keep_guidance_caches_self_attention_and_guides_every_step(compose_sample, tmp_path, run_latents):
-    """accel=tgate with accel.tgate.gate_step=${sampler.steps} (once accel=tgate_keep_guidance): the gate at the end (no step drops guidance), self-attention reused between
+    """accel=tgate accel.tgate.gate_step=${sampler.steps} (once accel=tgate_keep_guidance): the gate at the end
+    (no step drops guidance), self-attention reused between
     its sp_interval refreshes; it samples other latents than the plain model, fewer MACs, more than accel=tgate."""
     from runs.run import run_from_config
     from tgate import Action, gate_actions

@@ -115,7 +115,7 @@ def test_accel_pipeline_entries_are_applied_before_and_removed_after(compose_sam
              "+accel.pipeline.probe.remove=test_pipeline_run.probe_remove",
              "accel=tstitch", f"family.stitch.small.source={folders / 'small_unet'}"]
     run_from_config(compose_sample(*_overrides(folders, *probe)), tmp_path / "out")
-    # entries apply in runs.techniques.ORDER (tstitch first, then techniques it does not know) and are removed in reverse
+    # entries apply in runs.techniques.ORDER (tstitch, then techniques it does not know), removed in reverse
     assert EVENTS == [("apply", "x", "TStitchStableDiffusionPipeline"), ("remove", "TStitchStableDiffusionPipeline")]
 
 

@@ -24,8 +24,8 @@ ACCELS = {
     "none": [],
     "tstitch": ["+exp=dit_stitch_0.4", "model=dit_s2", *PARTNER, "accel.tstitch.ratio=0.5"],
     "tgate": ["accel=tgate", *GATE],
-    "tstitch_tgate": ["+exp=dit_stitch_0.4", "model=dit_s2", *PARTNER, "accel=[tstitch,tgate]", "accel.tstitch.ratio=0.5",
-                      *GATE],
+    "tstitch_tgate": ["+exp=dit_stitch_0.4", "model=dit_s2", *PARTNER, "accel=[tstitch,tgate]",
+                      "accel.tstitch.ratio=0.5", *GATE],
 }
 REGIONAL = ["compile=regional", "compile_backend=aot_eager"]  # aot_eager: the same graphs, compiled in seconds
 
