@@ -38,6 +38,10 @@ def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
         if "arch" in model_cfg:
             arch = OmegaConf.to_container(model_cfg.arch, resolve=True)
             return get_class(model_cfg._target_)(**arch).eval()
+        if model_cfg.get("kind") == "pipeline":  # e.g. SSD-1B, T-Stitch's partner of SD-XL: no published layout here
+            raise UserError(f"model {model_cfg.name!r} has no `arch` in its config (configs/model/): its MACs "
+                            "cannot be counted; count the large model alone (accel=none) or a pair whose configs "
+                            "carry `arch`")
         # native models: exactly as scripts/sample.py builds them
         return build_denoiser(model_cfg, latent_size(model_cfg), pretrained=False, device="meta")
 
