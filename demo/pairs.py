@@ -48,7 +48,7 @@ class ModelPair:
     fi_interval: int = 1
     warm_up: int = 2
     tgate_branch: str = "cond"     # class-conditional DiT: cond; text models: uncond (the reference's)
-    tgate_accel: str = "tstitch_tgate"  # the accel config of T-Stitch with T-GATE for this pair
+    tgate_accel: str = "[tstitch,tgate]"  # the techniques of T-Stitch with T-GATE (configs/accel/)
     labels: str = ""
     prompt: str = ""
     num_samples: int = 4
@@ -74,10 +74,10 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         key="digits",
         label="digits: DiT-digits-S -> DiT-digits-L (shipped, CPU)",
         overrides=("+exp=digits_stitch_0.4",),
-        weights={"large": "model.ckpt", "small": "accel.models.small.ckpt"},
+        weights={"large": "model.ckpt", "small": "family.stitch.small.ckpt"},
         requires=("exp/digits_stitch_0.4.yaml",),
         num_classes=10, sampler="ddim", steps=50, cfg_scale=1.5, fraction=0.4,
-        gate_step=30, sp_interval=3, fi_interval=1, warm_up=2, tgate_accel="tstitch_digits_tgate",
+        gate_step=30, sp_interval=3, fi_interval=1, warm_up=2,
         labels="0, 1, 2, 3, 4, 5, 6, 7, 8, 9", num_samples=10, max_batch=500, quality="digits",
         note="The pair trained on scikit-learn's 8x8 digits and shipped in checkpoints/digits/: "
              "seconds per click on a CPU.",
@@ -87,7 +87,7 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         key="dit",
         label="ImageNet 256: DiT-S/2 -> DiT-XL/2",
         overrides=("+exp=dit_stitch_0.4",),
-        weights={"large": "model.ckpt", "small": "accel.models.small.ckpt", "first_stage": "vae.source"},
+        weights={"large": "model.ckpt", "small": "family.stitch.small.ckpt", "first_stage": "vae.source"},
         requires=("exp/dit_stitch_0.4.yaml",),
         num_classes=1000, sampler="ddim", steps=20, cfg_scale=1.5, fraction=0.4,
         gate_step=12, sp_interval=3, fi_interval=1, warm_up=2,
@@ -101,11 +101,11 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         key="ldm",
         label="ImageNet 256: LDM-S -> LDM (U-Net)",
         overrides=("+exp=ldm_stitch_0.4",),
-        weights={"large": "model.ckpt", "small": "accel.models.small.ckpt"},
+        weights={"large": "model.ckpt", "small": "family.stitch.small.ckpt"},
         requires=("exp/ldm_stitch_0.4.yaml",),
         needs="the native LDM U-Net",
         num_classes=1000, sampler="ddim", steps=20, cfg_scale=3.0, fraction=0.4,
-        gate_step=12, sp_interval=3, fi_interval=1, warm_up=2, tgate_branch="cond", tgate_accel="tstitch_ldm_tgate",
+        gate_step=12, sp_interval=3, fi_interval=1, warm_up=2, tgate_branch="cond",
         labels="207, 360, 387, 974", num_samples=4,
         note="T-Stitch's LDM-S and LDM (CompVis .ckpt files; the VQ-f8 first stage comes from the large one's). "
              "Slow on a CPU.",
@@ -115,10 +115,10 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         key="sdxl",
         label="text: SSD-1B -> SDXL",
         overrides=("+exp=sdxl_ssd1b_stitch_0.4",),
-        weights={"large": "model.source", "small": "accel.tstitch.small"},
+        weights={"large": "model.source", "small": "family.stitch.small.source"},
         requires=("exp/sdxl_ssd1b_stitch_0.4.yaml",),
         needs="the diffusers pipelines",
-        conditioning="text", sampler="pipeline", tgate_accel="tstitch_pipeline_tgate", steps=25, cfg_scale=5.0,
+        conditioning="text", sampler="pipeline", steps=25, cfg_scale=5.0,
         fraction=0.4,
         gate_step=10, sp_interval=5, fi_interval=1, warm_up=2, tgate_branch="uncond",
         prompt="an astronaut riding a horse, photograph", num_samples=1,
@@ -129,10 +129,10 @@ PAIRS: dict[str, ModelPair] = {p.key: p for p in [
         key="sd",
         label="text: SD 1.x stitched (T-Stitch's SD setting)",
         overrides=("+exp=sd_stitch_0.3",),
-        weights={"large": "model.source", "small": "accel.tstitch.small"},
+        weights={"large": "model.source", "small": "family.stitch.small.source"},
         requires=("exp/sd_stitch_0.3.yaml",),
         needs="the diffusers pipelines",
-        conditioning="text", sampler="pipeline", tgate_accel="tstitch_pipeline_tgate", steps=25, cfg_scale=7.5,
+        conditioning="text", sampler="pipeline", steps=25, cfg_scale=7.5,
         fraction=0.3,
         gate_step=10, sp_interval=5, fi_interval=1, warm_up=2, tgate_branch="uncond",
         prompt="a photograph of an astronaut riding a horse", num_samples=1,

@@ -29,6 +29,7 @@ from diffusion.macs import count_macs, count_sampling_macs
 from diffusion.sampler import check_cfg_scale
 from diffusion.solvers import NoiseSchedule, build_solver
 from runs.run import build_denoiser, build_hooks, model_configs, model_names
+from runs.techniques import label
 
 
 def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
@@ -37,6 +38,10 @@ def build_meta_denoiser(model_cfg: DictConfig) -> nn.Module:
         if "arch" in model_cfg:
             arch = OmegaConf.to_container(model_cfg.arch, resolve=True)
             return get_class(model_cfg._target_)(**arch).eval()
+        if model_cfg.get("kind") == "pipeline":  # e.g. SSD-1B, T-Stitch's partner of SD-XL: no published layout here
+            raise UserError(f"model {model_cfg.name!r} has no `arch` in its config (configs/model/): its MACs "
+                            "cannot be counted; count the large model alone (accel=none) or a pair whose configs "
+                            "carry `arch`")
         # native models: exactly as scripts/sample.py builds them
         return build_denoiser(model_cfg, latent_size(model_cfg), pretrained=False, device="meta")
 
@@ -177,7 +182,7 @@ def format_table(cfg: DictConfig, result: dict) -> str:
     _, scale, use_cfg = run_settings(cfg)
     names = " -> ".join(str(c.name) for c in model_configs(cfg))
     head = (f"{cfg.model.name}, {cfg.sampler.name} x{len(base['per_step'])} steps, cfg_scale {scale:g}"
-            f"{'' if use_cfg else ' (no CFG batch)'}, accel={cfg.accel.name} ({names}); MACs for one image")
+            f"{'' if use_cfg else ' (no CFG batch)'}, accel={label(cfg.accel)} ({names}); MACs for one image")
     lines = [head, f"{'':12s} {'paper (T)':>10s} {'all ops (T)':>12s} {'speed-up':>9s}"]
     for key, row in result.items():
         lines.append(f"{key:12s} {row['macs_paper'] / 1e12:10.3f} {row['macs_all'] / 1e12:12.3f} "

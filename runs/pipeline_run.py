@@ -40,6 +40,7 @@ from diffusion.seeding import sample_generators
 from runs.config_keys import config_keys_of
 from runs.generate import check_counts
 from runs.speed import Speed
+from runs.techniques import check_techniques, label, ordered
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,11 @@ class PipelineAccel:
 
 
 def build_pipeline_accels(cfg: DictConfig) -> list[PipelineAccel]:
-    """The run's `accel.pipeline` entries, settings built (and so checked) without a pipeline."""
-    accel = cfg.accel
-    entries = accel.get("pipeline") or {}
-    if not entries and ((accel.get("hooks") or {}) or (accel.get("models") or {})):
-        raise UserError(f"accel={accel.name!r} acts on the native sampler (accel.hooks / accel.models) and has no "
-                         f"accel.pipeline entry for diffusers pipelines; use e.g. accel=tstitch_pipeline, "
-                         f"accel=tgate_sdxl, accel=tgate_pixart or accel=none")
+    """The run's `accel.pipeline` entries, settings built (and so checked) without a pipeline, in the
+    techniques' order (runs.techniques.ORDER: T-Stitch's denoiser first, then the techniques that hook it)."""
+    check_techniques(cfg, pipeline=True)  # technique x model refusals, one line each
     built = []
-    for name, node in entries.items():
+    for name, node in ordered(cfg.accel.get("pipeline")):
         with config_keys_of(node):  # `gate_step=...` -> `accel.tgate.gate_step=...`
             built.append(PipelineAccel(name, node))
     return built
@@ -264,7 +261,7 @@ def _sample_pipeline(cfg: DictConfig, pipe, inputs, args, accels, images_in, out
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("sampling %d images with the %s pipeline (%s), accel=%s, on %s into %s", cfg.num_samples,
-             type(pipe).__name__, cfg.model.source, cfg.accel.name, device, out_dir)
+             type(pipe).__name__, cfg.model.source, label(cfg.accel), device, out_dir)
     applied = []
     images, seconds, steps_per_model, stitch_rule, compiled = [], 0.0, None, {}, CompileStats()
     try:
@@ -319,7 +316,7 @@ def _sample_pipeline(cfg: DictConfig, pipe, inputs, args, accels, images_in, out
         "scheduler": type(pipe.scheduler).__name__,
         "source": str(cfg.model.source),
         "sampler": cfg.sampler.name,
-        "accel": cfg.accel.name,
+        "accel": label(cfg.accel),  # every listed technique, in the order applied: tstitch+tgate
         "seed": int(cfg.seed),
         "device": str(device),
         "image_size": [int(images.shape[1]), int(images.shape[2])],

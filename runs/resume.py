@@ -10,6 +10,9 @@ The folder's state is its files, nothing else:
 * `samples_config.json`: the part of the config that decides the images (model, sampler,
   schedule, accel, seed, labels, ...; not num_samples, batch_size, device, logging). A rerun
   with another such config into the folder is refused: its PNGs would mix two experiments.
+  Compared in one layout (`comparable`): the acceleration as the hooks and stitched models it
+  builds, so folders written before techniques composed by name (`accel=tstitch_digits_tgate`,
+  now `accel=[tstitch,tgate]`) resume, while any setting that changes a hook or a model is refused.
 * `samples.npz`, `grid.png`, `metrics.json`: rebuilt at the end from the first num_samples
   PNGs on disk whenever this run added samples (or they do not match num_samples).
 * `done`: written last; says the folder holds num_samples complete samples. A rerun that
@@ -92,6 +95,19 @@ def png_problem(path: Path, size: tuple[int, int] | None) -> str | None:
 KEYS_ADDED_LATER = {"precision": "fp32"}
 
 
+def comparable(config: dict) -> dict:
+    """A samples_config in the layout two runs are compared in: `accel` as what it builds on a native
+    run (its hooks with their resolved settings, T-Stitch's models), without names (`accel.name` of the
+    old combination files), settings nodes (referenced by the hooks), pipeline entries (native runs apply
+    none) or the model family's facts (`family`: what the hooks and models took from it is in them)."""
+    config = {k: v for k, v in config.items() if k != "family"}
+    accel = config.get("accel") or {}
+    hooks = dict(accel.get("hooks") or {})
+    models = dict(accel.get("models") or {}) if "tstitch" in hooks else {}  # T-Stitch's denoisers
+    config["accel"] = {"hooks": hooks, "models": models}
+    return config
+
+
 class SampleFolder:
     def __init__(self, out_dir: str | Path, num_samples: int, image_size: int | None = None):
         """image_size: the side of the run's square images; PNGs of another size count as damaged."""
@@ -111,7 +127,7 @@ class SampleFolder:
         saved = json.loads(path.read_text())
         for key, before in KEYS_ADDED_LATER.items():  # folders written before the key existed ran with `before`
             saved.setdefault(key, before)
-        diff = _differences(saved, json.loads(json.dumps(config)))
+        diff = _differences(comparable(saved), comparable(json.loads(json.dumps(config))))
         if diff:
             raise UserError(f"{self.dir} holds samples of another config ({'; '.join(diff[:5])}"
                              f"{'; ...' if len(diff) > 5 else ''}): resume only with the same settings, "

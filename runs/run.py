@@ -3,8 +3,9 @@
 Models and hooks are built through their configs' `_target_` (e.g. `dit.build_dit`,
 `tstitch.TStitchHook`), so this module never imports a model or technique package.
 
-`accel` configs may add denoisers (`accel.models`, run before `model`, in order) and
-hooks (`accel.hooks`, a dict so that accel configs combine by merging).
+`accel` lists techniques (runs/techniques.py: one config file each, combined by list,
+`accel=[tstitch,tgate]`): their hooks (`accel.hooks`) are applied in runs.techniques.ORDER,
+and T-Stitch's denoisers (`accel.models`) run before `model`, in order.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from runs.folder_lock import claim_folder
 from runs.generate import check_counts, generate
 from runs.resume import SampleFolder, grid_batches, samples_config
 from runs.speed import Speed
+from runs.techniques import check_techniques, label, ordered, stitched_models
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +62,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_configs(cfg: DictConfig) -> list[DictConfig]:
-    """The run's denoiser configs in the order they run: accel.models..., then model."""
-    return list((cfg.accel.get("models") or {}).values()) + [cfg.model]
+    """The run's denoiser configs in the order they run: accel.models... (T-Stitch's), then model."""
+    return list(stitched_models(cfg.accel).values()) + [cfg.model]
 
 
 def model_keys(cfg: DictConfig) -> list[str]:
-    """The config keys of model_configs(cfg): accel.models.<name>..., then model."""
-    return [f"accel.models.{k}" for k in (cfg.accel.get("models") or {})] + ["model"]
+    """The config keys of model_configs(cfg) as a user sets them: accel.models.<name>... (the family's partner,
+    `${family.stitch.small}`, is set as family.stitch.small), then model."""
+    keys = []
+    for k in stitched_models(cfg.accel):
+        node = cfg.accel.models._get_node(k)
+        raw = str(node._value()) if node._is_interpolation() else ""
+        keys.append(raw[2:-1] if raw.startswith("${") and raw.endswith("}") else f"accel.models.{k}")
+    return keys + ["model"]
 
 
 def model_names(configs) -> list[str]:
@@ -82,18 +90,14 @@ def model_names(configs) -> list[str]:
 
 def check_config(cfg: DictConfig) -> torch.Tensor:
     """Every check that needs no model, before any work; returns the class labels."""
-    accel = cfg.accel
-    if (accel.get("pipeline") or {}) and not (accel.get("hooks") or {}) and not (accel.get("models") or {}):
-        raise UserError(f"accel={accel.name!r} acts on diffusers pipelines (accel.pipeline) and has nothing for "
-                         f"{cfg.model.name!r}, a native model; use e.g. accel=tstitch, accel=tgate, "
-                         f"accel=deep_cache or accel=none")
+    check_techniques(cfg, pipeline=False)  # technique x model refusals (DeepCache on a DiT, no partner, ...)
     for c in model_configs(cfg):
         if c.get("count_only", False):  # e.g. model=sdxl: an architecture for scripts/count_macs.py
             raise UserError(f"model {c.name!r} is an architecture config for scripts/count_macs.py only; "
                              "scripts/sample.py samples class-conditional models (DiT) for now")
-        if c.get("kind") == "pipeline":  # e.g. accel=tstitch_sd35's small model beside a native one
-            raise UserError(f"accel={accel.name!r} adds {c.name!r}, a diffusers pipeline model, to {cfg.model.name!r}, "
-                             "a native model; stitch native models with accel=tstitch (or tstitch_ldm, tstitch_digits)")
+        if c.get("kind") == "pipeline":  # e.g. a pipeline partner beside a native model
+            raise UserError(f"accel={label(cfg.accel)} adds {c.name!r}, a diffusers pipeline model, to "
+                             f"{cfg.model.name!r}, a native model; stitch native models of one latent space")
     check_counts(cfg.num_samples, cfg.batch_size)
     check_cfg_scale(cfg.sampler.cfg_scale)
     check_solver_args(cfg.sampler.name, cfg.sampler.steps, cfg.sampler.get("eta", 0.0), cfg.sampler.get("spacing"),
@@ -103,8 +107,9 @@ def check_config(cfg: DictConfig) -> torch.Tensor:
 
 
 def build_hooks(cfg: DictConfig) -> list:
-    """The accel hooks from their settings alone, so bad settings fail before any model is built."""
-    return [call_target(node) for node in (cfg.accel.get("hooks") or {}).values()]
+    """The accel hooks from their settings alone, so bad settings fail before any model is built; in the
+    techniques' order (runs.techniques.ORDER), whatever the order of the accel list."""
+    return [call_target(node) for _, node in ordered(cfg.accel.get("hooks"))]
 
 
 def build_denoiser(model_cfg: DictConfig, input_size: int, pretrained: bool, device: torch.device | str,
@@ -272,7 +277,7 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
     batches = batches_for_rank(grid_batches(missing, cfg.batch_size), dist)
     log.info("sampling %d of %d images (rank %d of %d: %d batches) with %s, %s x%d, accel=%s, %s, compile=%s, "
              "on %s into %s", len(missing), cfg.num_samples, dist.rank, dist.world_size, len(batches),
-             " -> ".join(names), cfg.sampler.name, solver.num_steps, cfg.accel.name, speed.precision, speed.compile,
+             " -> ".join(names), cfg.sampler.name, solver.num_steps, label(cfg.accel), speed.precision, speed.compile,
              device, out_dir)
     try:
         with CompileStats() as compiled:
@@ -309,7 +314,7 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
             "macs_per_image": macs_per_image,
             "sampler": cfg.sampler.name,
             "cfg_scale": float(cfg.sampler.cfg_scale),
-            "accel": cfg.accel.name,
+            "accel": label(cfg.accel),  # every listed technique, in the order applied: tstitch+tgate
             "seed": int(cfg.seed),
             "device": str(device),
             "image_size": image_size,

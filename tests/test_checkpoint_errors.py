@@ -1,5 +1,5 @@
 """Damaged, foreign and NaN checkpoints are refused at load with the setting, the file and what is wrong
-(items 3 and 4 of issue 18): model.ckpt, accel.models.small.ckpt, train.py resume=latest, CompVis
+(items 3 and 4 of issue 18): model.ckpt, family.stitch.small.ckpt, train.py resume=latest, CompVis
 .ckpt, diffusers folders, Inception weights. Never torch's advice to set weights_only=False."""
 import os
 import re
@@ -52,10 +52,10 @@ KINDS = ["truncated", "empty", "random", "pickle", "nan", "inf"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("setting", ["model.ckpt", "accel.models.small.ckpt"])
+@pytest.mark.parametrize("setting", ["model.ckpt", "family.stitch.small.ckpt"])
 def test_a_bad_model_checkpoint_is_refused_naming_setting_file_and_problem(compose_sample, tmp_path, setting, kind):
     path, problem = damaged(kind, tmp_path, DIGITS_L if setting == "model.ckpt" else DIGITS_S)
-    cfg = compose_sample(*DIGITS, f"model.ckpt={DIGITS_L}", f"accel.models.small.ckpt={DIGITS_S}", f"{setting}={path}")
+    cfg = compose_sample(*DIGITS, f"model.ckpt={DIGITS_L}", f"family.stitch.small.ckpt={DIGITS_S}", f"{setting}={path}")
     with pytest.raises(CheckpointError) as err:
         run_from_config(cfg, tmp_path / "out")
     message = str(err.value)
@@ -67,7 +67,7 @@ def test_a_bad_model_checkpoint_is_refused_naming_setting_file_and_problem(compo
 
 def test_the_script_prints_one_error_line_and_exits_2(tmp_path):
     path, _ = damaged("truncated", tmp_path)
-    cmd = [sys.executable, "scripts/sample.py", *DIGITS, f"model.ckpt={path}", f"accel.models.small.ckpt={DIGITS_S}",
+    cmd = [sys.executable, "scripts/sample.py", *DIGITS, f"model.ckpt={path}", f"family.stitch.small.ckpt={DIGITS_S}",
            f"hydra.run.dir={tmp_path / 'out'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -14,14 +14,14 @@ from runs.run import run_from_config
 REGIONAL = ["compile=regional", "compile_backend=aot_eager"]  # aot_eager: the same graphs, compiled in seconds
 # the shipped digits pair (real weights: real trajectories), few samples
 DIGITS = ["+exp=digits_stitch_0.4", "num_samples=4", "batch_size=4", "progress=false"]
-THREE = ["accel=tstitch_digits_tgate", "+model@accel.models.base=digits_s",
+THREE = ["accel=[tstitch,tgate]", "+model@accel.models.base=digits_s",
          "accel.models.base.name=DiT-digits-S-again", "accel.tstitch.fractions=[0.3,0.3,0.4]"]
 # S -> S (another model object, so its own compiled region) -> L
 TECHNIQUES = {  # each technique's default settings (T-GATE's gate_step 15: past the end at 10 steps)
     "tgate": ["accel=tgate"],
-    "tgate_keep_guidance": ["accel=tgate_keep_guidance"],
-    "tstitch_digits": [],
-    "tstitch_digits_tgate": ["accel=tstitch_digits_tgate"],
+    "tgate_keep_guidance": ["accel=tgate", "accel.tgate.gate_step=${sampler.steps}"],
+    "tstitch": [],
+    "tstitch_tgate": ["accel=[tstitch,tgate]"],
     "three_models_tgate": THREE,
 }
 
@@ -80,7 +80,7 @@ def test_a_lowered_limit_is_hit_and_said_once(compose_sample, tmp_path, caplog):
 
 
 def test_gated_compiled_digits_equal_gated_eager_and_differ_from_plain(compose_sample, tmp_path, run_latents):
-    gated = [*DIGITS, "accel=tstitch_digits_tgate", "sampler.steps=20", "accel.tgate.gate_step=10"]
+    gated = [*DIGITS, "accel=[tstitch,tgate]", "sampler.steps=20", "accel.tgate.gate_step=10"]
     run_from_config(compose_sample(*gated), tmp_path / "eager")
     compiled = run_from_config(compose_sample(*gated, *REGIONAL), tmp_path / "compiled")
     run_from_config(compose_sample(*DIGITS, "sampler.steps=20"), tmp_path / "plain")

@@ -124,7 +124,7 @@ def test_sd35_through_the_configs_compiles_regionally(compose_sample, tmp_path):
     common = ["model=sd35_large", "sampler=pipeline", f"model.source={tmp_path / 'sd3'}", "model.dtype=float32",
               "model.image_size=16", "sampler.steps=4", "num_samples=2", "batch_size=2",
               f"prompts={json.dumps(['a red fox', 'a blue car'])}", "progress=false", "num_threads=1", "device=cpu",
-              "accel=tgate_sd3", "accel.tgate.gate_step=2"]
+              "accel=tgate", "accel.tgate.gate_step=2"]
     eager = run_from_config(compose_sample(*common), tmp_path / "eager")
     compiled = run_from_config(compose_sample(*common, "compile=regional", "compile_backend=aot_eager"),
                                tmp_path / "compiled")

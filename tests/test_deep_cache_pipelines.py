@@ -276,7 +276,7 @@ def test_accel_deep_cache_on_a_pipeline_through_the_configs(compose_sample, sd_f
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "dc"), want, strict=True))
     run_from_config(compose_sample(*_overrides(sd_folder)), tmp_path / "plain")
     assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "dc"), _pngs(tmp_path / "plain"), strict=True))
-    gate = ["accel=tgate_deep_cache", "accel.tgate.gate_step=3", "accel.tgate.sp_interval=1",
+    gate = ["accel=[deep_cache,tgate]", "accel.tgate.gate_step=3", "accel.tgate.sp_interval=1",
             "accel.tgate.warm_up=0", "accel.tgate.branch=uncond"]
     run_from_config(compose_sample(*_overrides(sd_folder, *gate)), tmp_path / "both")
     config = tgate.TGateConfig(gate_step=3, sp_interval=1, fi_interval=1, warm_up=0)
@@ -305,12 +305,17 @@ def test_accel_deep_cache_on_an_sdxl_pipeline_through_the_configs(compose_sample
 
 
 @pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
-@pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl",
-                                   "tstitch_pipeline_deep_cache"])
+@pytest.mark.parametrize("accel", ["deep_cache", "[tgate,deep_cache]", "[deep_cache,tgate]",
+                                   "[tstitch,deep_cache]", "[deep_cache,tgate,tstitch]"])
 def test_deep_cache_configs_compose_for_the_unet_pipelines(compose_sample, model, accel):
+    from diffusion.errors import UserError
     from runs.pipeline_run import check_pipeline_config
 
     cfg = compose_sample(f"model={model}", "sampler=pipeline", f"accel={accel}", "prompts=[a cat]")
+    if model == "sd21" and "tstitch" in accel:  # configs/family/sd21.yaml names no partner
+        with pytest.raises(UserError, match="has no T-Stitch partner"):
+            check_pipeline_config(cfg)
+        return
     _, _, accels = check_pipeline_config(cfg)
     names = [a.name for a in accels]
     assert names[-1] == "deep_cache" and names.index("deep_cache") == len(names) - 1  # after stitching / gating
@@ -343,9 +348,9 @@ def test_stitched_and_cached_pipeline_run_through_the_configs(compose_sample, sd
 
     small = tmp_path / "small_unet"
     t.sd_unet(7, widths=(8, 16)).save_pretrained(small)
-    both = ["accel=tstitch_pipeline_deep_cache", f"accel.tstitch.small={small}", "accel.tstitch.ratio=0.5"]
+    both = ["accel=[deep_cache,tstitch]", f"family.stitch.small.source={small}", "accel.tstitch.ratio=0.5"]
     metrics = run_from_config(compose_sample(*_overrides(sd_folder, *both)), tmp_path / "both")
-    assert list(metrics["steps_per_model"].values()) == [3, 3] and metrics["accel"] == "tstitch_pipeline_deep_cache"
+    assert list(metrics["steps_per_model"].values()) == [3, 3] and metrics["accel"] == "tstitch+deep_cache"
 
     def stitched_then_cached(pipe):
         stitch_pipeline(pipe, str(small), ratio=0.5)
@@ -353,6 +358,6 @@ def test_stitched_and_cached_pipeline_run_through_the_configs(compose_sample, sd
 
     want = _manual(sd_folder, stitched_then_cached)
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), want, strict=True))
-    stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={small}", "accel.tstitch.ratio=0.5"]
+    stitched = ["accel=tstitch", f"family.stitch.small.source={small}", "accel.tstitch.ratio=0.5"]
     run_from_config(compose_sample(*_overrides(sd_folder, *stitched)), tmp_path / "stitched")
     assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched"), strict=True))

@@ -19,7 +19,7 @@ from conftest import CONFIGS
 ROOT = CONFIGS.parent
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=4", "progress=false", "num_threads=1", "num_samples=2",
           "batch_size=2", f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 

@@ -1,8 +1,8 @@
 """Every experiment (configs/exp/*.yaml, globbed: experiments added later are covered) has its
 baseline, `+exp=NAME accel=none`: the same model, sampler, steps, guidance, seeds and inputs with no
-acceleration, which composes and samples (tiny stand-ins for the weights); and every accel config
-composes with it and is either accepted by the checks that run before any model or refused with
-a ValueError that says why."""
+acceleration, which composes and samples (tiny stand-ins for the weights); and every list of techniques
+(accel=[tstitch,tgate], ...) composes with it and is either accepted by the checks that run before any
+model or refused in one line that says why (REFUSES: DeepCache on a DiT, no T-Stitch partner, ...)."""
 import json
 
 import pytest
@@ -17,7 +17,7 @@ import tiny_sd as t
 from conftest import CONFIGS, TINY_VAE
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
-ACCELS = sorted(p.stem for p in (CONFIGS / "accel").glob("*.yaml"))
+ACCELS = sorted(p.stem for p in (CONFIGS / "accel").glob("*.yaml"))  # one file per technique, and none
 # what an experiment's run is made of, apart from the acceleration
 SAME = ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "prompts",
         "prompts_file", "negative_prompt", "images", "grid_by_label")
@@ -29,9 +29,11 @@ def test_there_are_experiments_and_accel_configs():
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)
 def test_accel_none_is_the_same_run_without_acceleration(compose_sample, exp):
+    from runs.techniques import label, stitched_models
+
     full, base = compose_sample(f"+exp={exp}"), compose_sample(f"+exp={exp}", "accel=none")
-    assert base.accel.name == "none"
-    assert not base.accel.models and not base.accel.hooks and not base.accel.pipeline
+    assert label(base.accel) == "none"
+    assert not stitched_models(base.accel) and not base.accel.hooks and not base.accel.pipeline
     for key in SAME:
         assert OmegaConf.select(base, key) == OmegaConf.select(full, key), key
 
@@ -106,35 +108,28 @@ def test_accel_none_baseline_samples(compose_sample, exp, tmp_path, tiny_vae_dir
         assert metrics["steps_per_model"] is None and metrics["steps"] == 2
 
 
-# --- every accel config with every experiment ----------------------------------------------------
+# --- every technique list with every experiment -------------------------------------------------
 
-def must_apply(cfg, own: str, accel: str) -> bool:
-    """The accel configs each kind of experiment must accept (others may be refused, with a reason);
-    own: the accel config the experiment itself picks."""
-    if accel in ("none", own):
-        return True
-    if cfg.model.get("kind") == "pipeline":
-        denoiser = str(cfg.model._target_).rsplit(".", 1)[-1]
-        common = {"tgate", "tgate_sdxl", "tgate_pixart", "tstitch_pipeline", "tstitch_pipeline_tgate"}
-        return accel in {
-            "UNet2DConditionModel": common | {"deep_cache", "tgate_deep_cache", "tgate_deep_cache_sdxl",
-                                              "tstitch_pipeline_deep_cache"},
-            "PixArtTransformer2DModel": common,
-            "SD3Transformer2DModel": {"tgate_sd3", "tstitch_sd35", "tstitch_sd35_tgate"},  # truncation alone
-            "FluxTransformer2DModel": {"tstitch_flux"},  # guidance-distilled: nothing for T-GATE to act on
-        }.get(denoiser, set())
-    if cfg.model._target_ == "ldm.build_ldm":
-        return accel in {"tgate", "tgate_keep_guidance", "deep_cache", "tgate_deep_cache"} | (
-            {"tstitch_ldm", "tstitch_ldm_tgate"} if own == "tstitch_ldm" else set())
-    digits = {"tstitch_digits", "tstitch_digits_tgate", "tstitch_digits_tgate_fast"}
-    if own in digits:
-        return accel in {"tgate", "tgate_keep_guidance"} | digits
-    # DiT-XL/2 with T-Stitch's DiT-S/B
-    return accel in {"tgate", "tgate_keep_guidance", "tstitch", "tstitch_tgate", "tstitch_sbxl"}
+TECHNIQUE_LISTS = ["none", "[]", "tstitch", "tgate", "deep_cache", "[tstitch,tgate]", "[tgate,tstitch]",
+                   "[tgate,deep_cache]", "[tstitch,deep_cache]", "[tstitch,tgate,deep_cache]"]
+# the techniques each experiment's model refuses, with the word its one-line refusal must hold
+REFUSES = {
+    "digits_fast": {"deep_cache": "DiT"}, "digits_stitch_0.4": {"deep_cache": "DiT"},
+    "dit_stitch_0.4": {"deep_cache": "DiT"}, "dit_stitch_sbxl": {"deep_cache": "DiT"}, "dit_xl2": {"deep_cache": "DiT"},
+    "ldm_cin256_v2": {"tstitch": "no T-Stitch partner"},  # VQ-f4: LDM-S is VQ-f8
+    "ldm_stitch_0.4": {},
+    "pixart_alpha_tgate": {"tstitch": "no T-Stitch partner", "deep_cache": "DiT"},
+    "sd35_stitch_0.4": {"deep_cache": "MM-DiT"},
+    "flux_stitch_0.4": {"tgate": "MM-DiT", "deep_cache": "MM-DiT"},  # guidance-distilled: no CFG batch to truncate
+    "sd_stitch_0.3": {}, "sdxl_ssd1b_stitch_0.4": {}, "sdxl_tgate": {},
+}
+
+
+def test_every_experiment_has_its_refusals_listed():
+    assert set(REFUSES) == set(EXPERIMENTS), "add the new experiment to REFUSES"
 
 
 _meta_models: dict = {}  # built once per set of model configs (meta: no memory, no weights)
-_own_accel: dict = {}  # experiment -> the accel config it picks
 
 
 def _meta_denoisers(cfg, factor: int, channels: int):
@@ -185,20 +180,22 @@ def checks_before_any_model(cfg):
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)
-@pytest.mark.parametrize("accel", ACCELS)
-def test_every_accel_config_composes_with_every_experiment(compose_sample, exp, accel):
-    if exp not in _own_accel:
-        _own_accel[exp] = compose_sample(f"+exp={exp}").accel.name
-    own = _own_accel[exp]
+@pytest.mark.parametrize("accel", TECHNIQUE_LISTS)
+def test_every_technique_list_composes_with_every_experiment(compose_sample, exp, accel):
+    from diffusion.errors import UserError
+    from runs.techniques import label
+
     cfg = compose_sample(f"+exp={exp}", f"accel={accel}")  # never a composition error
-    assert cfg.accel.name == accel
-    if must_apply(cfg, own, accel):
+    names = [] if accel in ("none", "[]") else accel.strip("[]").split(",")
+    refused = [n for n in names if n in REFUSES[exp]]
+    assert label(cfg.accel) == ("+".join(sorted(names, key=["tstitch", "tgate", "deep_cache"].index)) or "none")
+    if not refused:
         checks_before_any_model(cfg)
-    else:
-        try:
-            checks_before_any_model(cfg)
-        except ValueError as error:  # refused: with words, naming what does not fit
-            assert str(error), (exp, accel)
+        return
+    with pytest.raises(UserError) as error:  # refused before any weights, in one line that says why
+        checks_before_any_model(cfg)
+    text = str(error.value)
+    assert "\n" not in text and any(REFUSES[exp][n] in text for n in refused), (exp, accel, text)
 
 
 def test_readme_shows_every_experiment_with_its_baseline_command():

@@ -15,7 +15,7 @@ ROOT = CONFIGS.parent
 SCRIPTS = ROOT / "scripts"
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "num_samples=6", "batch_size=6", "progress=false",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def _sweep(compose_sample, folder: Path, settings: list[list[str]]):
 def test_tgate_table_on_a_digits_sweep(compose_sample, figures, tmp_path):
     """The large digits model plain and with two T-GATE settings: MACs fall, the table says by how much."""
     _sweep(compose_sample, tmp_path, [
-        ["accel=tstitch_digits_tgate", "accel.tstitch.ratio=0.0", f"accel.tgate.gate_step={g}",
+        ["accel=[tstitch,tgate]", "accel.tstitch.ratio=0.0", f"accel.tgate.gate_step={g}",
          "accel.tgate.sp_interval=2", "accel.tgate.warm_up=1"] for g in (6, 3, 2)])
     assert figures.main(["--kind", "tgate", str(tmp_path), "--table", str(tmp_path / "t.md")]) == 0
     table = (tmp_path / "t.md").read_text().splitlines()

@@ -20,7 +20,7 @@ from conftest import CONFIGS
 ROOT = CONFIGS.parent
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "progress=false", "num_threads=1",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 HOLDER = ("import sys, time; from runs.folder_lock import acquire; acquire(sys.argv[1]); "
           "print('held', flush=True); time.sleep(600)")

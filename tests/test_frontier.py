@@ -23,12 +23,13 @@ from benchmarks.frontier import (
 from benchmarks.frontier import timing as frontier_timing
 from benchmarks.frontier.sweep import own_point
 from evaluation.digits import evaluate_digits
+from runs.techniques import label, stitched_models
 
 from conftest import CONFIGS
 
 ROOT = CONFIGS.parent
 CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-         f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+         f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 # 2 x 2 points: the large model alone, T-Stitch 0.4 (2 of 6 steps), T-GATE g3, both; 6 DDIM steps, 12 samples
 TINY = ["base_point=false", "num_samples=12", "batch_size=6", "timing.num_samples=4", "timing.batch_size=4",
         "timing.repeats=2", "timing.warmup=0", "grids=[{fractions: [0.0, 0.4], gates: [null, {gate_step: 3}]}]"]
@@ -48,8 +49,8 @@ def frontier_cfg():
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose(config_name="sample", overrides=list(overrides))
-        if cfg.accel.get("models"):  # absolute checkpoint paths: tests may run from any folder
-            cfg.accel.models.small.ckpt = CKPTS[1].split("=", 1)[1]
+        if OmegaConf.select(cfg, "family.stitch.small") is not None:  # absolute checkpoint paths: any folder
+            cfg.family.stitch.small.ckpt = CKPTS[1].split("=", 1)[1]
         return cfg
 
     yield _compose, _compose_sample
@@ -119,7 +120,7 @@ def test_timing_is_round_robin(monkeypatch, frontier_cfg):
     calls = []
 
     def fake_seconds(self, batch_size):
-        calls.append((self.cfg.accel.name, batch_size))
+        calls.append((label(self.cfg.accel), batch_size))
         return float(len(calls))
 
     monkeypatch.setattr(frontier_timing.TimedRun, "seconds", fake_seconds)
@@ -264,13 +265,13 @@ def test_the_script_runs_a_tiny_sweep(tmp_path):
 def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_sample):
     fast = compose_sample("+exp=digits_fast")
     base = compose_sample("+exp=digits_fast", "accel=none")
-    assert fast.accel.name == "tstitch_digits_tgate_fast" and set(fast.accel.hooks) == {"tstitch", "tgate"}
+    assert label(fast.accel) == "tstitch+tgate" and set(fast.accel.hooks) == {"tstitch", "tgate"}
     assert fast.accel.models.small.name == "DiT-digits-S" and fast.model.name == "DiT-digits-L"
     assert fast.accel.models.small.ckpt == "checkpoints/digits/digits_s.pt"
     hooks = OmegaConf.to_container(fast.accel.hooks, resolve=True)
     assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio > 0
     assert hooks["tgate"]["gate_step"] == fast.accel.tgate.gate_step < fast.sampler.steps
-    assert base.accel.name == "none" and not base.accel.models and not base.accel.hooks
+    assert label(base.accel) == "none" and not stitched_models(base.accel) and not base.accel.hooks
     for key in ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "num_threads"):
         assert OmegaConf.select(base, key) == OmegaConf.select(fast, key), key
 
@@ -290,19 +291,22 @@ def test_digits_fast_samples_and_differs_from_its_baseline(compose_sample, tmp_p
 
 
 def test_tgate_keep_guidance_caches_self_attention_and_guides_every_step(compose_sample, tmp_path, run_latents):
-    """accel=tgate_keep_guidance: the gate at the end (no step drops guidance), self-attention reused between
+    """accel=tgate accel.tgate.gate_step=${sampler.steps} (once accel=tgate_keep_guidance): the gate at the end
+    (no step drops guidance), self-attention reused between
     its sp_interval refreshes; it samples other latents than the plain model, fewer MACs, more than accel=tgate."""
     from runs.run import run_from_config
     from tgate import Action, gate_actions
 
     tiny = ["+exp=digits_fast", "sampler.steps=10", "num_samples=4", "batch_size=4", "progress=false", CKPTS[0]]
-    keep = compose_sample(*tiny, "accel=tgate_keep_guidance")
+    keep_guidance = ["accel=tgate", "accel.tgate.gate_step=${sampler.steps}", "accel.tgate.sp_interval=3",
+                     "accel.tgate.warm_up=2"]
+    keep = compose_sample(*tiny, *keep_guidance)
     assert keep.accel.tgate.gate_step == 10 and keep.accel.hooks.tgate.gate_step == 10
     settings = {k: keep.accel.tgate[k] for k in ("gate_step", "sp_interval", "fi_interval", "warm_up")}
     table = [gate_actions(s, **settings) for s in range(10)]
     assert all(a.guidance for a in table) and sum(a.self_attn is Action.REUSE for a in table) >= 4
     runs = {name: run_from_config(compose_sample(*tiny, *extra), tmp_path / name) for name, extra in (
-        ("keep", ["accel=tgate_keep_guidance"]), ("plain", ["accel=none"]),
+        ("keep", keep_guidance), ("plain", ["accel=none"]),
         ("gated", ["accel=tgate", "accel.tgate.gate_step=5", "accel.tgate.sp_interval=3"]))}
     macs = {name: m["macs_per_image"] for name, m in runs.items()}
     assert macs["plain"] > macs["keep"] > macs["gated"]

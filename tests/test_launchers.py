@@ -17,7 +17,7 @@ from wandb_offline import summarize
 ROOT = CONFIGS.parent
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=4", "num_samples=4", "batch_size=4", "progress=false",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 # two settings that run, and one that fails (a fraction outside [0, 1])
 SWEEP = "accel.tstitch.ratio=0.0,0.5,1.5"
 

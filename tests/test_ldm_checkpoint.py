@@ -97,10 +97,10 @@ def _sample(*overrides, cwd):
 def test_sample_py_runs_a_compvis_pair_stitched_and_gated(tiny_pair, tmp_path):
     (ckpt, config), (ckpt_s, config_s) = tiny_pair
     common = ["+exp=ldm_stitch_0.4", f"model.ckpt={ckpt}", f"model.compvis_config={config}",
-              f"accel.models.small.ckpt={ckpt_s}", f"accel.models.small.compvis_config={config_s}"]
+              f"family.stitch.small.ckpt={ckpt_s}", f"family.stitch.small.compvis_config={config_s}"]
     stitched = _sample(*common, f"hydra.run.dir={tmp_path / 'stitch'}", cwd=tmp_path)
     assert stitched.returncode == 0, stitched.stderr[-3000:]
-    gated = _sample(*common, "accel=tstitch_ldm_tgate", "accel.tgate.gate_step=5", "accel.tgate.sp_interval=2",
+    gated = _sample(*common, "accel=[tstitch,tgate]", "accel.tgate.gate_step=5", "accel.tgate.sp_interval=2",
                     "accel.tgate.warm_up=1", f"hydra.run.dir={tmp_path / 'gate'}", cwd=tmp_path)
     assert gated.returncode == 0, gated.stderr[-3000:]
     import json
@@ -151,7 +151,7 @@ def test_deep_cache_with_tgate_through_the_run(tiny_pair, tmp_path, compose_samp
               "model.num_classes=10", "labels=[1,2]", "num_samples=2", "batch_size=2", "sampler.steps=10",
               "progress=false"]
     plain = run_from_config(compose_sample(*common), tmp_path / "plain")
-    cached = run_from_config(compose_sample(*common, "accel=tgate_deep_cache", "accel.tgate.gate_step=5"),
+    cached = run_from_config(compose_sample(*common, "accel=[tgate,deep_cache]", "accel.tgate.gate_step=5"),
                              tmp_path / "cached")
     assert cached["macs_per_image"] < 0.8 * plain["macs_per_image"]
     assert len(list((tmp_path / "cached").glob("0*.png"))) == 2

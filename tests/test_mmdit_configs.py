@@ -35,7 +35,7 @@ def folders(tmp_path_factory):
 
 def _tiny(folders, exp, large, small, *extra):
     """The experiment on tiny saved pipelines; small=None for accels without a small model (accel=none)."""
-    small = [f"accel.models.small.source={folders / small}"] if small is not None else []
+    small = [f"family.stitch.small.source={folders / small}"] if small is not None else []
     return [f"+exp={exp}", f"model.source={folders / large}", *small, "model.dtype=float32", "model.image_size=16",
             "sampler.steps=5", "num_samples=3", "batch_size=2",
             f"prompts={json.dumps(PROMPTS)}", "progress=false", "num_threads=1", "device=cpu", *extra]
@@ -80,10 +80,10 @@ def test_sd35_stitched_with_truncation_through_the_configs(compose_sample, folde
     from tgate import TGateConfig, apply_tgate
     from tstitch import stitch_pipeline
 
-    extra = ["accel=tstitch_sd35_tgate", "accel.tgate.gate_step=3"]
+    extra = ["accel=[tstitch,tgate]", "accel.tgate.gate_step=3"]
     metrics = run_from_config(compose_sample(*_tiny(folders, "sd35_stitch_0.4", "sd3_large", "sd3_small", *extra)),
                               tmp_path / "both")
-    assert metrics["accel"] == "tstitch_sd35_tgate" and list(metrics["steps_per_model"].values()) == [2, 3]
+    assert metrics["accel"] == "tstitch+tgate" and list(metrics["steps_per_model"].values()) == [2, 3]
     pipe = StableDiffusion3Pipeline.from_pretrained(folders / "sd3_large")
     pipe.set_progress_bar_config(disable=True)
     stitch_pipeline(pipe, str(folders / "sd3_small"), ratio=0.4)
@@ -169,11 +169,11 @@ def test_count_macs_counts_sd35_plain_stitched_and_truncated_runs():
     assert [s["model_index"] for s in result["accelerated"]["per_step"]] == [0] * 11 + [1] * 17
     assert result["accelerated"]["macs_all"] == 11 * small[2] + 17 * large[2]
     # + truncation from step 10: one row (the conditional branch) from there on
-    both = count_config(_shrink(_compose_macs("+exp=sd35_stitch_0.4", "accel=tstitch_sd35_tgate"),
+    both = count_config(_shrink(_compose_macs("+exp=sd35_stitch_0.4", "accel=[tstitch,tgate]"),
                                 large_arch, small_arch))
     assert [s["rows"] for s in both["accelerated"]["per_step"]] == [2] * 10 + [1] * 18
     assert both["accelerated"]["macs_all"] == 10 * small[2] + small[1] + 17 * large[1]
-    truncated = count_config(_shrink(_compose_macs("model=sd35_large", "sampler=pipeline", "accel=tgate_sd3"),
+    truncated = count_config(_shrink(_compose_macs("model=sd35_large", "sampler=pipeline", "accel=tgate"),
                                      large_arch, None))
     assert truncated["accelerated"]["macs_all"] == 10 * large[2] + 18 * large[1]
 
@@ -193,16 +193,17 @@ def test_count_macs_counts_flux_without_a_cfg_batch():
 
 
 def test_count_macs_refuses_t_gate_caching_on_sd3():
-    with pytest.raises(ValueError, match=r"joint attention .* accel=tgate_sd3"):
-        count_config(_shrink(_compose_macs("model=sd35_large", "sampler=pipeline", "accel=tgate_sdxl"),
+    with pytest.raises(ValueError, match=r"joint attention .* accel=tgate on an MM-DiT"):
+        count_config(_shrink(_compose_macs("model=sd35_large", "sampler=pipeline", "accel=tgate",
+                                           "accel.tgate.cache_attention=true"),
                              {**SD3_TINY, "num_layers": 1}, None))
 
 
 # full size, as the README's table (each count ~10-20 s on 2 CPU cores): (overrides, baseline T, accelerated T)
 README = {
     "sd35_stitch": (["+exp=sd35_stitch_0.4"], 871.391, 652.804),
-    "sd35_truncation": (["model=sd35_large", "sampler=pipeline", "accel=tgate_sd3"], 871.391, 591.301),
-    "sd35_stitch_truncation": (["+exp=sd35_stitch_0.4", "accel=tstitch_sd35_tgate"], 871.391, 382.650),
+    "sd35_truncation": (["model=sd35_large", "sampler=pipeline", "accel=tgate"], 871.391, 591.301),
+    "sd35_stitch_truncation": (["+exp=sd35_stitch_0.4", "accel=[tstitch,tgate]"], 871.391, 382.650),
     "flux_stitch": (["+exp=flux_stitch_0.4"], 1859.616, 1716.086),
 }
 

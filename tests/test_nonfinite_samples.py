@@ -15,7 +15,7 @@ from conftest import CONFIGS
 ROOT = CONFIGS.parent
 DIGITS_L, DIGITS_S = ROOT / "checkpoints/digits/digits_l.pt", ROOT / "checkpoints/digits/digits_s.pt"
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "progress=false", "num_threads=1", "num_samples=6",
-          "batch_size=2", f"accel.models.small.ckpt={DIGITS_S}"]
+          "batch_size=2", f"family.stitch.small.ckpt={DIGITS_S}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 

@@ -89,16 +89,16 @@ def test_images_do_not_depend_on_the_batch_size(compose_sample, folders, tmp_pat
 
 
 def test_stitched_run_ends_equal_the_plain_runs_and_the_split_is_recorded(compose_sample, folders, tmp_path):
-    stitch = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}"]
+    stitch = ["accel=tstitch", f"family.stitch.small.source={folders / 'small_unet'}"]
     metrics = run_from_config(compose_sample(*_overrides(folders, *stitch, "accel.tstitch.ratio=0.5")),
                               tmp_path / "mid")
     assert metrics["steps_per_model"] == {str(folders / "small_unet"): 2, "large": 2} or \
         list(metrics["steps_per_model"].values()) == [2, 2]
-    assert metrics["accel"] == "tstitch_pipeline" and metrics["pipeline"] == "StableDiffusionPipeline"
+    assert metrics["accel"] == "tstitch" and metrics["pipeline"] == "StableDiffusionPipeline"
     run_from_config(compose_sample(*_overrides(folders)), tmp_path / "large")
     run_from_config(compose_sample(*_overrides(folders, source="small_pipe")), tmp_path / "small")
     # a whole pipeline folder as the small model: its unet/ is used
-    stitch_pipe = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_pipe'}"]
+    stitch_pipe = ["accel=tstitch", f"family.stitch.small.source={folders / 'small_pipe'}"]
     run_from_config(compose_sample(*_overrides(folders, *stitch_pipe, "accel.tstitch.ratio=0")), tmp_path / "r0")
     run_from_config(compose_sample(*_overrides(folders, *stitch, "accel.tstitch.ratio=1")), tmp_path / "r1")
     for k, (r0, large) in enumerate(zip(_pngs(tmp_path / "r0"), _pngs(tmp_path / "large"), strict=True)):
@@ -113,9 +113,9 @@ def test_accel_pipeline_entries_are_applied_before_and_removed_after(compose_sam
     EVENTS.clear()
     probe = ["+accel.pipeline.probe._target_=test_pipeline_run.probe_apply", "+accel.pipeline.probe.tag=x",
              "+accel.pipeline.probe.remove=test_pipeline_run.probe_remove",
-             "accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}"]
+             "accel=tstitch", f"family.stitch.small.source={folders / 'small_unet'}"]
     run_from_config(compose_sample(*_overrides(folders, *probe)), tmp_path / "out")
-    # entries apply in config order (tstitch first, it was there first) and are removed in reverse
+    # entries apply in runs.techniques.ORDER (tstitch, then techniques it does not know), removed in reverse
     assert EVENTS == [("apply", "x", "TStitchStableDiffusionPipeline"), ("remove", "TStitchStableDiffusionPipeline")]
 
 
@@ -123,12 +123,12 @@ def test_accel_pipeline_entries_are_applied_before_and_removed_after(compose_sam
     (["sampler=ddim"], r"model 'SD-1.5' is a diffusers pipeline, sampled with its own scheduler: use sampler=pipeline"),
     (["prompts=null"], r"model 'SD-1.5' samples from prompts: give prompts=\[...\] or prompts_file=PATH"),
     (["prompts=null", "prompts_file=/nonexistent/p.txt"], r"prompts_file='/nonexistent/p.txt': no such file"),
-    (["accel=tstitch"], r"accel='tstitch' acts on the native sampler .* use e.g. accel=tstitch_pipeline"),
+    (["+accel.hooks.probe._target_=tstitch.TStitchHook"], r"accel=probe: probe acts on the native sampler only"),
     (["pretrained=false"], r"pretrained=false: pipelines load their weights from model.source"),
     (["model.source=/nonexistent/sd"], r"model.source='/nonexistent/sd': no such folder"),
     (["sampler.steps=0"], r"sampler.steps=0: must be an integer >= 1"),
-    (["accel=tstitch_pipeline", "accel.tstitch.ratio=1.5"], r"^accel.tstitch.ratio=1.5: the small model's fraction"),
-    (["accel=tgate_sdxl", "accel.tgate.gate_step=0"], r"^accel.tgate.gate_step=0: must be an integer >= 1"),
+    (["accel=tstitch", "accel.tstitch.ratio=1.5"], r"^accel.tstitch.ratio=1.5: the small model's fraction"),
+    (["accel=tgate", "accel.tgate.gate_step=0"], r"^accel.tgate.gate_step=0: must be an integer >= 1"),
     (["+model.call.num_images_per_prompt=2"], r"model.call.num_images_per_prompt=2: set by the run itself"),
 ])
 def test_bad_input_fails_before_anything_is_loaded_or_written(compose_sample, folders, tmp_path, extra, message):
@@ -170,9 +170,9 @@ def test_tgate_on_a_pipeline_through_the_configs_equals_apply_tgate(compose_samp
 
     from tgate import TGateConfig, apply_tgate
 
-    gate = ["accel=tgate_sdxl", "accel.tgate.gate_step=2", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
+    gate = ["accel=tgate", "accel.tgate.gate_step=2", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
     metrics = run_from_config(compose_sample(*_overrides(folders, *gate)), tmp_path / "gated")
-    assert metrics["accel"] == "tgate_sdxl"
+    assert metrics["accel"] == "tgate"
     pipe = StableDiffusionPipeline.from_pretrained(folders / "large", safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -187,11 +187,11 @@ def test_tgate_on_a_pipeline_through_the_configs_equals_apply_tgate(compose_samp
 
 
 def test_stitched_and_gated_pipeline_run(compose_sample, folders, tmp_path):
-    both = ["accel=tstitch_pipeline_tgate", f"accel.tstitch.small={folders / 'small_unet'}", "accel.tstitch.ratio=0.5",
+    both = ["accel=[tstitch,tgate]", f"family.stitch.small.source={folders / 'small_unet'}", "accel.tstitch.ratio=0.5",
             "accel.tgate.gate_step=2", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]
     metrics = run_from_config(compose_sample(*_overrides(folders, *both)), tmp_path / "both")
     assert list(metrics["steps_per_model"].values()) == [2, 2]
-    stitched = ["accel=tstitch_pipeline", f"accel.tstitch.small={folders / 'small_unet'}", "accel.tstitch.ratio=0.5"]
+    stitched = ["accel=tstitch", f"family.stitch.small.source={folders / 'small_unet'}", "accel.tstitch.ratio=0.5"]
     run_from_config(compose_sample(*_overrides(folders, *stitched)), tmp_path / "stitched")
     assert not all((a == b).all() for a, b in zip(_pngs(tmp_path / "both"), _pngs(tmp_path / "stitched"), strict=True))
 

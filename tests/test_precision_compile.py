@@ -18,11 +18,14 @@ DIT = ["model=dit_s2", "model.image_size=32", "num_samples=2", "batch_size=2", "
 DIGITS_ARCH = ["model=digits_l", "vae=none", "vae.channels=1", "pretrained=false", "num_samples=2", "batch_size=2",
                "sampler.steps=6", "progress=false"]
 GATE = ["accel.tgate.gate_step=3", "accel.tgate.sp_interval=2", "accel.tgate.warm_up=1", "accel.tgate.fi_interval=2"]
+# DiT-S/2 has no T-Stitch partner of its own (configs/family/dit_s2.yaml): another DiT-S/2 at its size
+PARTNER = ["+model@family.stitch.small=dit_s2", "family.stitch.small.image_size=${model.image_size}"]
 ACCELS = {
     "none": [],
-    "tstitch": ["+exp=dit_stitch_0.4", "model=dit_s2", "accel.tstitch.ratio=0.5"],
+    "tstitch": ["+exp=dit_stitch_0.4", "model=dit_s2", *PARTNER, "accel.tstitch.ratio=0.5"],
     "tgate": ["accel=tgate", *GATE],
-    "tstitch_tgate": ["+exp=dit_stitch_0.4", "model=dit_s2", "accel=tstitch_tgate", "accel.tstitch.ratio=0.5", *GATE],
+    "tstitch_tgate": ["+exp=dit_stitch_0.4", "model=dit_s2", *PARTNER, "accel=[tstitch,tgate]",
+                      "accel.tstitch.ratio=0.5", *GATE],
 }
 REGIONAL = ["compile=regional", "compile_backend=aot_eager"]  # aot_eager: the same graphs, compiled in seconds
 
@@ -63,14 +66,14 @@ def test_full_compile_equals_eager_with_tgate(compose_sample, tmp_path, run_late
     assert _rel(run_latents(tmp_path / "plain"), eager) > 1e-4
 
 
-@pytest.mark.parametrize("accel", ["deep_cache", "tgate_deep_cache"])
+@pytest.mark.parametrize("accel", ["deep_cache", "[tgate,deep_cache]"])
 def test_regional_compile_on_the_unet_with_deep_cache(compose_sample, tmp_path, run_latents, tiny_pair, accel):  # noqa: F811
     (ckpt, config), _ = tiny_pair
     common = ["+exp=ldm_cin256_v2", f"model.ckpt={ckpt}", f"model.compvis_config={config}", "model.image_size=16",
               "model.num_classes=10", "labels=[1,2]", "num_samples=2", "batch_size=2", "sampler.steps=8",
               "progress=false"]
     cached = [f"accel={accel}", "accel.deep_cache.cache_interval=3"]
-    if accel == "tgate_deep_cache":
+    if "tgate" in accel:
         cached.append("accel.tgate.gate_step=4")
     run_from_config(compose_sample(*common, *cached), tmp_path / "eager")
     run_from_config(compose_sample(*common, *cached, *REGIONAL), tmp_path / "compiled")

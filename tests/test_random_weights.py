@@ -52,7 +52,7 @@ def test_pretrained_false_output_depends_on_class_timestep_input_and_every_block
 
 def test_two_models_of_one_architecture_in_one_run_differ(compose_sample):
     """One stream from the seed, models built one after another: DiT-S/2 stitched with DiT-S/2 are two models."""
-    cfg = compose_sample("+exp=dit_stitch_0.4", "model=dit_s2")
+    cfg = compose_sample("+exp=dit_stitch_0.4", "model=dit_s2", "+model@family.stitch.small=dit_s2")
     torch.manual_seed(0)
     small, large = (build_denoiser(c, 8, pretrained=False, device="cpu") for c in model_configs(cfg))
     torch.manual_seed(0)

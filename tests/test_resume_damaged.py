@@ -17,7 +17,7 @@ ROOT = CONFIGS.parent
 # batch_size=1: a sample made again alone is the same image to the bit as in a clean run
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "progress=false", "num_threads=1", "batch_size=1",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 
 
 def _pngs(folder):

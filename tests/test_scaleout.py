@@ -19,7 +19,7 @@ ROOT = CONFIGS.parent
 # the shipped pair, few steps: a batch of 2 samples takes milliseconds
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=6", "progress=false", "num_threads=1",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 

@@ -91,7 +91,7 @@ def test_bad_settings_fail_in_the_counter_too():
     with pytest.raises(ValueError, match=r"^accel\.tgate\.gate_step=0: must be an integer >= 1"):
         count_config(_compose_macs("accel.tgate.gate_step=0"))
     with pytest.raises(ValueError, match=r"lcm=true, but this run uses classifier-free guidance"):
-        count_config(_compose_macs("model=sdxl_lcm", "accel=tgate_lcm"))
+        count_config(_compose_macs("model=sdxl_lcm", "accel=tgate"))
 
 
 # The T-GATE README's MACs table (MACs for one image, CFG included), all 12 rows: the model alone and
@@ -100,15 +100,15 @@ def test_bad_settings_fail_in_the_counter_too():
 # pipeline's cache_layer_id 0 / cache_block_id 0 (the helper's cache_branch_id 1), 25 steps; with
 # T-GATE the cross-attention cached at step interval_seq[gate_idx=4] = 12: our gate_step 13.
 README = {
-    "sdxl": (["model=sdxl", "accel=tgate_sdxl"], 149.438, 95.988),
-    "pixart_alpha": (["model=pixart_alpha", "accel=tgate_pixart"], 107.031, 73.971),
-    "pixart_sigma": (["model=pixart_sigma", "accel=tgate_pixart"], 107.766, 74.420),
+    "sdxl": (["model=sdxl", "accel=tgate"], 149.438, 95.988),
+    "pixart_alpha": (["model=pixart_alpha", "accel=tgate"], 107.031, 73.971),
+    "pixart_sigma": (["model=pixart_sigma", "accel=tgate"], 107.766, 74.420),
     "deep_cache": (["model=sdxl", "accel=deep_cache", "accel.deep_cache.cache_branch_id=1"], 149.438, 57.888),
-    "deep_cache_tgate": (["model=sdxl", "accel=tgate_deep_cache", "accel.deep_cache.cache_branch_id=1",
+    "deep_cache_tgate": (["model=sdxl", "accel=[tgate,deep_cache]", "accel.deep_cache.cache_branch_id=1",
                           "accel.tgate.gate_step=13", "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0",
                           "accel.tgate.branch=uncond"], 149.438, 43.868),
-    "lcm_sdxl": (["model=sdxl_lcm", "accel=tgate_lcm", "sampler.steps=4", "sampler.cfg_scale=1"], 11.955, 11.171),
-    "lcm_pixart_alpha": (["model=lcm_pixart_alpha", "accel=tgate_lcm", "sampler.steps=4", "sampler.cfg_scale=1"],
+    "lcm_sdxl": (["model=sdxl_lcm", "accel=tgate", "sampler.steps=4", "sampler.cfg_scale=1"], 11.955, 11.171),
+    "lcm_pixart_alpha": (["model=lcm_pixart_alpha", "accel=tgate", "sampler.steps=4", "sampler.cfg_scale=1"],
                          8.563, 7.623),
 }
 

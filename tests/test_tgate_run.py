@@ -1,4 +1,4 @@
-"""accel=tgate and accel=tstitch_tgate through scripts/sample.py's run; configs; bad input."""
+"""accel=tgate and accel=[tstitch,tgate] through scripts/sample.py's run; configs; bad input."""
 import json
 
 import pytest
@@ -12,20 +12,28 @@ from conftest import CONFIGS
 TINY = ["model=dit_s2", "model.image_size=32", "num_samples=2", "batch_size=2", "sampler.steps=6",
         "progress=false", "pretrained=false", "vae.arch.block_out_channels=[8,8,8,8]",
         "vae.arch.norm_num_groups=8", "vae.arch.layers_per_block=1"]
+# T-Stitch's partner for a model whose family has none: another DiT-S/2 (random weights) at the same size
+PARTNER = ["+model@family.stitch.small=dit_s2", "family.stitch.small.image_size=${model.image_size}"]
 GATE = ["accel.tgate.gate_step=3", "accel.tgate.sp_interval=2", "accel.tgate.warm_up=0", "accel.tgate.fi_interval=2"]
 
 
-@pytest.mark.parametrize("accel", sorted(p.stem for p in (CONFIGS / "accel").glob("*tgate*.yaml")))
-def test_every_tgate_accel_config_composes_into_hooks(compose_sample, accel):
-    extra = ["sampler.cfg_scale=1"] if accel == "tgate_lcm" else []
-    cfg = compose_sample(f"accel={accel}", *extra)
-    hooks = build_hooks(cfg)
-    gate = [h for h in hooks if isinstance(h, TGateHook)]
-    assert len(gate) == 1 and cfg.accel.name == accel
-    assert gate[0].config.gate_step == cfg.accel.tgate.gate_step
-    text_settings = ("tgate_sdxl", "tgate_pixart", "tgate_lcm", "tstitch_pipeline_tgate",  # the reference's: uncond
-                     "tgate_deep_cache_sdxl")
-    assert gate[0].config.branch == ("uncond" if accel in text_settings else "cond")
+# model -> T-GATE's family setting (configs/family/<model>.yaml): (gate_step, sp_interval, warm_up, lcm, branch)
+FAMILY_GATES = {"dit_xl2": (15, 3, 2, False, "cond"), "digits_l": (15, 3, 2, False, "cond"),
+                "sdxl": (10, 5, 2, False, "uncond"), "sd15": (10, 5, 2, False, "uncond"),  # the reference's: uncond
+                "pixart_alpha": (15, 3, 2, False, "uncond"), "sdxl_lcm": (1, 1, 0, True, "uncond"),
+                "sd35_large": (10, 3, 2, False, "cond")}
+
+
+@pytest.mark.parametrize("model", sorted(FAMILY_GATES))
+@pytest.mark.parametrize("accel", ["tgate", "[tgate,deep_cache]", "[tstitch,tgate]"])
+def test_tgate_takes_its_settings_from_the_model_family(compose_sample, model, accel):
+    extra = ["sampler.cfg_scale=1"] if model == "sdxl_lcm" else []
+    cfg = compose_sample(f"model={model}", f"accel={accel}", *extra)
+    gate = [h for h in build_hooks(cfg) if isinstance(h, TGateHook)]
+    assert len(gate) == 1
+    c = gate[0].config
+    assert (c.gate_step, c.sp_interval, c.warm_up, c.lcm, c.branch) == FAMILY_GATES[model]
+    assert c.cache_attention == (model != "sd35_large")  # MM-DiT: guidance truncation alone
 
 
 def test_tgate_run_writes_steps_and_gated_macs(compose_sample, tmp_path):
@@ -58,13 +66,13 @@ def test_gate_off_run_gives_the_plain_images(compose_sample, tmp_path, run_laten
 
 
 def test_tstitch_tgate_run(compose_sample, tmp_path, run_latents):
-    cfg = compose_sample(*TINY, "accel=tstitch_tgate", *GATE, "accel.tstitch.ratio=0.5")
-    assert list(cfg.accel.hooks) == ["tstitch", "tgate"] and cfg.accel.name == "tstitch_tgate"
+    cfg = compose_sample(*TINY, *PARTNER, "accel=[tgate,tstitch]", *GATE, "accel.tstitch.ratio=0.5")
+    assert [type(h).__name__ for h in build_hooks(cfg)] == ["TStitchHook", "TGateHook"]  # the order of ORDER
     metrics = run_from_config(cfg, tmp_path / "both")
     assert metrics["steps_per_model"] == {"DiT-S/2": 3, "DiT-S/2#2": 3}
-    assert metrics["accel"] == "tstitch_tgate" and metrics["macs_per_image"] > 0
+    assert metrics["accel"] == "tstitch+tgate" and metrics["macs_per_image"] > 0
     # the two DiT-S/2 are two random models, and gating acts on them: each part changes the latents
-    run_from_config(compose_sample(*TINY, "accel=tstitch", "accel.tstitch.ratio=0.5"), tmp_path / "stitch")
+    run_from_config(compose_sample(*TINY, *PARTNER, "accel=tstitch", "accel.tstitch.ratio=0.5"), tmp_path / "stitch")
     run_from_config(compose_sample(*TINY, "accel=tgate", *GATE), tmp_path / "gate")
     both, stitch, gate = (run_latents(tmp_path / k) for k in ("both", "stitch", "gate"))
     assert both.abs().max() > 0
@@ -109,8 +117,8 @@ def test_a_gate_past_the_last_step_still_reuses_self_attention(compose_sample, t
     root = CONFIGS.parent
     digits = ["+exp=digits_stitch_0.4", "sampler.steps=6", "num_samples=4", "batch_size=4", "progress=false",
               "num_threads=1", f"model.ckpt={root / 'checkpoints/digits/digits_l.pt'}",
-              f"accel.models.small.ckpt={root / 'checkpoints/digits/digits_s.pt'}"]
-    past = ["accel=tstitch_digits_tgate", "accel.tgate.gate_step=99", "accel.tgate.sp_interval=3",
+              f"family.stitch.small.ckpt={root / 'checkpoints/digits/digits_s.pt'}"]
+    past = ["accel=[tstitch,tgate]", "accel.tgate.gate_step=99", "accel.tgate.sp_interval=3",
             "accel.tgate.warm_up=1"]
     runs = {name: run_from_config(compose_sample(*digits, *extra), tmp_path / name) for name, extra in (
         ("plain", []), ("past", past), ("off", [*past, "accel.tgate.sp_interval=1", "accel.tgate.warm_up=0"]))}

@@ -147,6 +147,8 @@ def test_three_models_run_in_order():
 TINY = ["model=dit_s2", "model.name=DiT-S/4", "model.image_size=32", "num_samples=2", "batch_size=2", "sampler.steps=5",
         "progress=false", "pretrained=false", "vae.arch.block_out_channels=[8,8,8,8]",
         "vae.arch.norm_num_groups=8", "vae.arch.layers_per_block=1"]
+# DiT-S/2 names no T-Stitch partner of its own (configs/family/dit_s2.yaml): the small model is a DiT-S/2 at its size
+TINY += ["+model@family.stitch.small=dit_s2", "family.stitch.small.image_size=${model.image_size}"]
 
 
 def test_stitch_experiment_runs_and_records_steps_and_macs(compose_sample, tmp_path):

@@ -182,7 +182,7 @@ def test_stitched_pipeline_run_records_the_rule(compose_sample, tmp_path):
     t.sd_unet(7, widths=(8, 16)).save_pretrained(tmp_path / "small")
     cfg = compose_sample("model=sd15", "sampler=pipeline", f"model.source={folder}", "model.image_size=16",
                          "sampler.steps=10", "num_samples=1", "batch_size=1", "prompts=[a cat]", "progress=false",
-                         "device=cpu", "accel=tstitch_pipeline", f"accel.tstitch.small={tmp_path / 'small'}",
+                         "device=cpu", "accel=tstitch", f"family.stitch.small.source={tmp_path / 'small'}",
                          "accel.tstitch.ratio=0.25", "accel.tstitch.rule=floor")
     metrics = run_from_config(cfg, tmp_path / "run")
     assert list(metrics["steps_per_model"].values()) == [2, 8] and metrics["tstitch_rule"] == "floor"

@@ -22,7 +22,7 @@ from conftest import CONFIGS
 ROOT = CONFIGS.parent
 DIGITS = ["+exp=digits_stitch_0.4", "sampler.steps=4", "progress=false", "num_threads=1", "batch_size=2",
           f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
-          f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
+          f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 SAMPLE = [sys.executable, "scripts/sample.py", *DIGITS]
 # sh -c SCRIPT FOLDER COMMAND...: make FOLDER read-only (a read-only bind mount of itself), then run COMMAND

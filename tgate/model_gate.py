@@ -40,7 +40,8 @@ def gate_attention(model: nn.Module, config: TGateConfig, state: TGateState | No
         raise UserError(f"tgate: {type(model).__name__} has joint attention (image and text tokens in one attention, "
                          f"e.g. {joint[0]!r}; {len(joint)} such modules), which is neither T-GATE's cross- nor its "
                          f"self-attention, so no caching rule applies; use guidance truncation alone: "
-                         f"TGateConfig(cache_attention=False, branch='cond') (configs: accel=tgate_sd3), or accel=none")
+                         f"TGateConfig(cache_attention=False, branch='cond') (configs: accel=tgate on an MM-DiT, "
+                         f"configs/family/sd35_large.yaml), or accel=none")
     if not found:
         raise UserError(f"tgate: {type(model).__name__} has no attention module marked with is_cross_attention")
     for name, module in found:

@@ -24,6 +24,7 @@ from diffusion.errors import UserError
 from diffusion.outputs import atomic_write_bytes, save_json
 from evaluation.digits import agreement_per_sample, evaluate_digits
 from runs.run import build_hooks, check_config, model_configs, model_names, run_from_config
+from runs.techniques import label
 
 from .pareto import plot_frontier
 from .points import TECHNIQUES, Gate, Point, grid_points
@@ -43,7 +44,7 @@ def own_point(run_cfg: DictConfig) -> Point:
     """The point a composed sampling config runs (its T-Stitch fraction and T-GATE setting), e.g. +exp=digits_fast's."""
     hooks = set(run_cfg.accel.get("hooks") or {})
     if hooks - {"tstitch", "tgate"}:
-        raise UserError(f"base_point: the base config's accel={run_cfg.accel.name} has hooks {sorted(hooks)}; "
+        raise UserError(f"base_point: the base config's accel={label(run_cfg.accel)} has hooks {sorted(hooks)}; "
                          "a sweep point is a T-Stitch fraction and/or a T-GATE setting (hooks tstitch, tgate)")
     fraction = 0.0
     if "tstitch" in hooks:
