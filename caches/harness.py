@@ -109,7 +109,9 @@ class CacheHook(Hook):
     @property
     def timestep(self) -> float:
         """The current step's timestep on the training scale (PAB's and FasterCache's callback)."""
-        return -1.0 if self.ctx is None else float(self.ctx.timestep)
+        # the model timestep (0..999, as PAB's and FasterCache's ranges), not the scheduler's (a respaced
+        # solver counts its own steps 0..n-1); from the plan's host list: no device sync
+        return -1.0 if self.ctx is None or self.plan is None else float(self.plan.model_timesteps[self.ctx.i])
 
     def branch_name(self) -> str:
         ctx = self.ctx

@@ -31,8 +31,11 @@ from diffusers.utils.torch_utils import unwrap_module
 from diffusion import SamplingPlan
 from diffusion.errors import UserError
 
-from . import mag_calibration
 from .harness import CacheHook
+from .mag_calibration import load as load_calibration
+from .mag_calibration import ratios_for
+from .mag_calibration import resolve as resolve_calibration
+from .mag_calibration import save as save_calibration
 from .registry import attention_modules, block_lists, check_blocks
 
 
@@ -121,10 +124,8 @@ class PABHook(CacheHook):
         self.cross = _number("accel.pab.cross_skip", cross_skip, 1, integer=True, allow_none=True)
         self.range = _range("accel.pab.timestep_range", timestep_range)
         if self.spatial is None and self.cross is None:
-            raise UserError("accel.pab: spatial_skip and cross_skip are both null; set one (2 = reuse every other step)")
-
-    def check_plan(self, plan: SamplingPlan) -> None:
-        pass
+            raise UserError("accel.pab: spatial_skip and cross_skip are both null; set one "
+                             "(2 = reuse every other step)")
 
     def apply(self, model, name, index):
         config = PyramidAttentionBroadcastConfig(
@@ -219,8 +220,8 @@ class MagCacheHook(CacheHook):
             raise UserError(f"accel.mag_cache.calibrate={calibrate!r}: must be true or false")
         self.calibrate = calibrate
         self.calibration = calibration
-        self.path = mag_calibration.resolve(calibration)
-        self.table = None if calibrate else mag_calibration.load(self.path, calibration)
+        self.path = resolve_calibration(calibration)
+        self.table = None if calibrate else load_calibration(self.path, calibration)
         self.configs: list[MagCacheConfig] = []
         self.recorded: dict[str, dict[int, list[float]]] = {}
         self._calls: dict[tuple[int, str], int] = {}
@@ -231,7 +232,7 @@ class MagCacheHook(CacheHook):
         if self.calibrate:
             config = MagCacheConfig(calibrate=True, num_inference_steps=n + 1)  # never wraps inside a run
         else:
-            ratios = mag_calibration.ratios_for(self.table, name, n, self.calibration)
+            ratios = ratios_for(self.table, name, n, self.calibration)
             config = MagCacheConfig(threshold=float(self.threshold), max_skip_steps=self.max_skip,
                                     retention_ratio=float(self.retention), num_inference_steps=n + 1,
                                     mag_ratios=torch.ones(n + 1))
@@ -276,7 +277,7 @@ class MagCacheHook(CacheHook):
 
     def detach(self):
         if self.calibrate and self.recorded:
-            mag_calibration.save(self.path, self.recorded, self.solver.num_steps)
+            save_calibration(self.path, self.recorded, self.solver.num_steps)
             self.recorded = {}
         super().detach()
         self.configs = []
