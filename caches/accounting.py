@@ -73,7 +73,10 @@ class WorkCounter:
         def on_attention(module, args):
             counts.attention += _rows(args)
 
-        first = _first_child(model)
+        inside = {id(m) for b in blocks for m in b.modules()}
+        # the first layer with weights outside the blocks (DiT: the patch embedding): the rows the model takes
+        first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in inside),
+                     None)
         if first is not None:
             counts.handles.append(first.register_forward_pre_hook(on_model))
         for block in blocks:

@@ -60,7 +60,10 @@ class _ContextHook(ModelHook):
         owner = self.owner
         if not owner.active:  # outside a sampling run (e.g. MACs counting): the plain model
             return self.fn_ref.original_forward(*args, **kwargs)
-        owner.on_call(self.index, next(int(a.shape[0]) for a in args if torch.is_tensor(a)))
+        if owner.pipeline is not None:  # a stock pipeline's loop: where it is (caches.pipelines)
+            owner.pipeline.locate(args, kwargs)
+        rows = next(int(a.shape[0]) for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.ndim)
+        owner.on_call(self.index, rows)
         args, kwargs = owner.before_call(self.index, module, args, kwargs)
         with owner.context(self.index, module):
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -83,6 +86,7 @@ class CacheHook(Hook):
         self._names: list[str] = []
         self._owned: list[list[tuple[HookRegistry, str]]] = []  # per model: the (registry, hook) we added
         self.meta = False            # attached to meta models (MACs counting): nothing applied
+        self.pipeline = None         # caches.pipelines.PipelineCache when on a stock pipeline
 
     # --- what a technique says ---
     def apply(self, model: nn.Module, name: str, index: int) -> None:

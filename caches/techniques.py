@@ -7,6 +7,7 @@ classes, so their per-module appliers are called on our marked attention modules
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -55,14 +56,13 @@ def _range(key: str, value) -> tuple[float, float]:
     return (_number(key, value[0], -1), _number(key, value[1], -1))
 
 
-def _refuse_sd3_tail(blocks, name: str, cache: str) -> None:
-    """SD3's last joint block returns no text states (context_pre_only): FirstBlockCache's tail hook
-    subtracts from None (a TypeError inside diffusers)."""
+def _refuse_sd3_tail(blocks, name: str, cache: str, why: str = "diffusers' FirstBlockCache subtracts from "
+                     "them (a TypeError inside it)") -> None:
+    """SD3's last joint block returns no text states (context_pre_only)."""
     last = unwrap_module(blocks[-1][1])
     if getattr(last, "context_pre_only", False):
         raise UserError(f"{cache} cannot run on {name}: its last block ({type(last).__name__}, context_pre_only) "
-                         "returns no text states, which diffusers' FirstBlockCache needs (a TypeError inside it); "
-                         "use accel=taylorseer or accel=pab on SD3")
+                         f"returns no text states; {why}; on SD3 use taylorseer, pab or faster_cache")
 
 
 class FirstBlockCacheHook(CacheHook):
@@ -102,8 +102,11 @@ class TaylorSeerHook(CacheHook):
         self.factors_dtype = getattr(torch, factors_dtype)
 
     def apply(self, model, name, index):
-        check_blocks(model, name, self.name)
-        patterns = [rf"{list_name}\.\d+" for list_name, _ in block_lists(model)]
+        blocks = check_blocks(model, name, self.name)
+        # SD3's last joint block returns no text states (context_pre_only): diffusers' TaylorSeer cannot
+        # extrapolate a None output, so that block is always computed
+        patterns = [re.escape(block_name) for block_name, block in blocks
+                    if not getattr(unwrap_module(block), "context_pre_only", False)]
         apply_taylorseer_cache(model, TaylorSeerCacheConfig(
             cache_interval=self.cache_interval, disable_cache_before_step=self.before,
             disable_cache_after_step=self.after, max_order=self.max_order,
@@ -188,13 +191,15 @@ class FasterCacheHook(CacheHook):
                 _fc._apply_faster_cache_on_attention_class(module_name, module, config)
 
     def before_call(self, index, module, args, kwargs):
+        if self.pipeline is not None:  # diffusers' pipelines batch CFG as [uncond; cond] already
+            return args, kwargs
         if not (self.ctx is None or self.ctx.guidance):
             raise UserError("faster_cache needs both CFG branches at every step; guidance was turned off at step "
                              f"{self.ctx.i} (T-GATE's gate): use faster_cache without tgate")
         return _swap_halves(args), {k: _swap_halves((v,))[0] for k, v in kwargs.items()}
 
     def after_call(self, index, module, out):
-        return _swap_halves((out,))[0]
+        return out if self.pipeline is not None else _swap_halves((out,))[0]
 
 
 def _swap_halves(values):
@@ -313,18 +318,25 @@ class SeaCacheHook(CacheHook):
         self.fail_open: list[str] = []
 
     def apply(self, model, name, index):
-        check_blocks(model, name, self.name)
-        if getattr(self.solver.scheduler, "alphas_cumprod", None) is None:
-            raise UserError(f"sea_cache needs the sampler's noise level (alphas_cumprod); sampler "
-                             f"{self.solver.name!r} has none")
+        blocks = check_blocks(model, name, self.name)
+        _refuse_sd3_tail(blocks, name, self.name, "SeaCache records no residual history without them "
+                         "(it would silently run every step in full)")
+        scheduler = self.solver.scheduler
+        if getattr(scheduler, "alphas_cumprod", None) is None and getattr(scheduler, "sigmas", None) is None:
+            raise UserError(f"sea_cache needs the sampler's noise level (alphas_cumprod or flow sigmas); "
+                             f"{self.solver.name!r} has neither")
         apply_sea_cache(model, SeaCacheConfig(**self.kwargs, raw_vision_callback=_latents_as_frames))
 
     def context_fields(self) -> dict:
         ctx = self.ctx
         if ctx is None:
             return {}
-        a = float(self.solver.scheduler.alphas_cumprod[int(ctx.timestep)])
-        sigma = math.sqrt(1 - a) / (math.sqrt(a) + math.sqrt(1 - a))
+        alphas = getattr(self.solver.scheduler, "alphas_cumprod", None)
+        if alphas is None:  # flow matching (SD3): timestep = 1000 sigma
+            sigma = min(max(float(ctx.timestep) / 1000, 0.0), 1.0)
+        else:
+            a = float(alphas[int(ctx.timestep)])
+            sigma = math.sqrt(1 - a) / (math.sqrt(a) + math.sqrt(1 - a))
         return {"step_index": ctx.i, "num_inference_steps": ctx.n, "sigma": sigma, "timestep": ctx.timestep}
 
     def after_call(self, index, module, out):
