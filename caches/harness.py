@@ -87,6 +87,7 @@ class CacheHook(Hook):
         self._owned: list[list[tuple[HookRegistry, str]]] = []  # per model: the (registry, hook) we added
         self.meta = False            # attached to meta models (MACs counting): nothing applied
         self.pipeline = None         # caches.pipelines.PipelineCache when on a stock pipeline
+        self._eager: dict[str, int] = {}
 
     # --- what a technique says ---
     def apply(self, model: nn.Module, name: str, index: int) -> None:
@@ -153,6 +154,7 @@ class CacheHook(Hook):
                 registry.register_hook(_ContextHook(self, index), HARNESS_HOOK)  # outermost: registered last
                 self._owned[-1].append((registry, HARNESS_HOOK))
                 registry.invalidate_child_registries_cache()  # contexts reach the hooks just added
+            self._eager = self.eager_hooks()  # read now: detach removes the hooks before metrics are written
         except Exception:
             self.detach()
             raise
@@ -205,9 +207,26 @@ class CacheHook(Hook):
         for index in range(len(self._models)):
             self.reset_model(index)
 
+    def eager_hooks(self) -> dict[str, dict]:
+        """diffusers' hooks of this cache with `torch.compiler.disable`d methods, by class: the methods and
+        the number of modules hooked. Under compile=regional a disabled `new_forward` runs its whole module
+        eager (MagCache's blocks); a disabled helper is a graph break inside the compiled block."""
+        found: dict[str, dict] = {}
+        for owned in self._owned:
+            for registry, name in owned:
+                hook = registry.get_hook(name)
+                if hook is None:
+                    continue
+                methods = sorted(k for k, v in vars(type(hook)).items() if getattr(v, "_torchdynamo_disable", False))
+                if methods:
+                    entry = found.setdefault(type(hook).__name__, {"disabled": methods, "modules": 0})
+                    entry["modules"] += 1
+        return found
+
     def metrics(self, per_forward_macs=None, num_images: int = 0) -> dict:
         """For metrics.json: the work really done, and what the cache reports of itself."""
-        out = {"cache": self.name, **self.counter.metrics(self._names, per_forward_macs, num_images)}
+        out = {"cache": self.name, "cache_compile_disabled_hooks": self._eager,
+               **self.counter.metrics(self._names, per_forward_macs, num_images)}
         return {**out, **self.run_metrics()}
 
 
