@@ -41,18 +41,29 @@ class ModelCounts:
     """Rows (batch rows, summed over calls) of one denoiser: asked by the sampler, taken by the model,
     through blocks, through attention modules."""
 
-    asked: int = 0
-    taken: int = 0
-    blocks: int = 0
-    attention: int = 0
+    asked: int = 0   # counted by the harness, outside the model
+    tally: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int64))  # taken, blocks, attention
     depth: int = 0
     attention_per_block: int = 0
     block_macs: int | None = None       # one block, one row (all ops)
     attention_macs: int | None = None   # one attention module, one row
     handles: list = field(default_factory=list)
 
+    @property
+    def taken(self) -> int:
+        return int(self.tally[0])
+
+    @property
+    def blocks(self) -> int:
+        return int(self.tally[1])
+
+    @property
+    def attention(self) -> int:
+        return int(self.tally[2])
+
     def reset(self) -> None:
-        self.asked = self.taken = self.blocks = self.attention = 0
+        self.asked = 0
+        self.tally.zero_()
 
 
 class WorkCounter:
@@ -64,14 +75,16 @@ class WorkCounter:
     def attach(self, model: nn.Module, blocks: list[nn.Module], attention: list[nn.Module]) -> ModelCounts:
         counts = ModelCounts(depth=len(blocks), attention_per_block=len(attention) // max(len(blocks), 1))
 
+        # counted into tensors in place: inside a compiled block (compile=regional) an in-place add is part
+        # of the graph, whereas a Python int attribute would be a guard on its value (a recompile per call)
         def on_model(module, args):
-            counts.taken += _rows(args)
+            counts.tally[0].add_(_rows(args))
 
-        def on_block(module, args, kwargs, block=None):
-            counts.blocks += _rows(args)
+        def on_block(module, args, kwargs):
+            counts.tally[1].add_(_rows(args))
 
         def on_attention(module, args):
-            counts.attention += _rows(args)
+            counts.tally[2].add_(_rows(args))
 
         inside = {id(m) for b in blocks for m in b.modules()}
         # the first layer with weights outside the blocks (DiT: the patch embedding): the rows the model takes
