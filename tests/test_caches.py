@@ -258,3 +258,31 @@ def test_our_dit_block_is_registered_by_its_marker(pair):
 def test_bad_settings_fail_in_one_line(hook, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
         hook()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["taylorseer", "first_block_cache"])
+def test_recompiles_do_not_grow_with_the_steps_under_regional_compile(name):
+    """compile=regional (aot_eager): the harness and the counters add no per-step guard (counts are
+    tensors added in place, not Python ints read in the compiled block)."""
+    from diffusion.compile import CompileStats, compile_denoiser
+    from dit.models import DiT
+
+    from conftest import randomize
+
+    counts = []
+    for steps in (10, 20):
+        torch._dynamo.reset()
+        model = randomize(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2,
+                              num_classes=10).eval())
+        run_solver = build_solver("ddim", steps, NoiseSchedule())
+        hook = CACHES[name](None)
+        hook.attach([model], ["m"], run_solver)
+        compile_denoiser(model, "regional", "aot_eager")
+        with CompileStats() as stats:
+            sample(model, run_solver, torch.randn(2, 1, 8, 8), {"y": torch.tensor([1, 2])},
+                   {"y": torch.tensor([10, 10])}, cfg_scale=1.5, hooks=[hook], progress=False)
+        hook.detach()
+        counts.append(stats.recompiles)
+    torch._dynamo.reset()
+    assert counts[0] == counts[1] and counts[0] < 8, counts
