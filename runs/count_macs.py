@@ -188,4 +188,9 @@ def format_table(cfg: DictConfig, result: dict) -> str:
         lines.append(f"{key:12s} {row['macs_paper'] / 1e12:10.3f} {row['macs_all'] / 1e12:12.3f} "
                      f"{base['macs_all'] / row['macs_all']:8.2f}x")
     lines.append("paper = without the attention score/value matmuls (the T-GATE tables' convention)")
+    caches = [k for k in (cfg.accel.get("hooks") or {}) if str(cfg.accel.hooks[k].get("_target_", "")).startswith(
+        "caches.")]
+    if caches:  # they decide from activations (or per call): nothing to decide on `meta`
+        lines.append(f"{', '.join(caches)}: counted here as the plain model; the MACs a run really spends are in its "
+                     "metrics.json (macs_per_image_spent, cache_blocks_computed_per_image)")
     return "\n".join(lines)

@@ -321,6 +321,9 @@ def _sample_into_folder(cfg: DictConfig, folder: SampleFolder, folder_config: di
             **speed.as_metrics(),  # precision resolved (auto -> fp32 / tf32), compile mode
             **compiled.as_metrics(),  # this process's compile seconds (not in sampling_seconds), graphs, recompiles
         }
+        for hook in hooks:  # caches (caches/): the work really done, counted in this run
+            if hasattr(hook, "metrics"):
+                metrics.update(hook.metrics(macs_per_forward, len(missing)))
         save_json(metrics, folder.dir / "metrics.json")
         folder.mark_done({"num_generated_last_run": metrics["num_generated"]})
         log.info("%d images in the folder, %d made in %.2f s of sampling (%.3f images/s over %d process(es)), "

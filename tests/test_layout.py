@@ -1,6 +1,6 @@
 """The import graph of the project, read with `ast`: no circles, and every arrow points down the house.
 
-    scripts -> demo -> benchmarks, training -> runs -> techniques (tgate, tstitch, deep_cache), evaluation
+    scripts -> demo -> benchmarks, training -> runs -> techniques (tgate, tstitch, deep_cache, caches), evaluation
             -> models (dit, ldm), data -> the sampling core (diffusion)
 
 A package may import its own modules and any package on a lower floor, never one on its floor or above
@@ -17,7 +17,7 @@ ROOT = CONFIGS.parent
 FLOORS = {
     "diffusion": 0,
     "data": 1, "dit": 1, "ldm": 1,
-    "tgate": 2, "tstitch": 2, "deep_cache": 2, "evaluation": 2,
+    "tgate": 2, "tstitch": 2, "deep_cache": 2, "caches": 2, "evaluation": 2,
     "runs": 3,
     "training": 4, "benchmarks": 4,
     "demo": 5,
