@@ -23,11 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.errors import UserError
 
-ORDER = ("tstitch", "tgate", "deep_cache")  # the order techniques are applied in; new ones: append here
+# the order techniques are applied in; new ones: append here. diffusers' caches come last: they hook the
+# blocks of whichever denoiser runs (each stitched model has its own cache state) and see T-GATE's halved batch
+CACHES = ("first_block_cache", "taylorseer", "mag_cache", "faster_cache", "pab", "sea_cache")
+ORDER = ("tstitch", "tgate", "deep_cache", *CACHES)
 # technique -> the denoiser architectures (family.architecture: dit | unet | mmdit | ...) it acts on;
 # a technique not named here acts on any
-ARCHITECTURES = {"deep_cache": ("unet",)}
-WHY = {"deep_cache": "DeepCache reuses the deep features of a U-Net's skip branches, which a {arch} does not have"}
+ARCHITECTURES = {"deep_cache": ("unet",), **{name: ("dit", "mmdit") for name in CACHES}}
+WHY = {"deep_cache": "DeepCache reuses the deep features of a U-Net's skip branches, which a {arch} does not have",
+       **{name: "diffusers' cache hooks act on transformer blocks (diffusers' block registry), which a {arch} does "
+                "not have" for name in CACHES}}
 ARCH_NAMES = {"dit": "DiT", "unet": "U-Net", "mmdit": "MM-DiT", "unet_video": "spatio-temporal U-Net"}
 RESERVED = ("models", "hooks", "pipeline")  # the keys of `accel` that are not one technique's settings
 

@@ -9,6 +9,7 @@ import torch
 
 from caches import CacheHook
 from runs.run import build_hooks, run_from_config
+from runs.techniques import label
 
 from conftest import CONFIGS
 
@@ -22,7 +23,7 @@ CAL = f"accel.mag_cache.calibration={ROOT / 'calibrations/mag_cache/digits.json'
 def overrides(accel: str) -> list[str]:
     extra = [CAL] if "mag_cache" in accel else []
     if accel.startswith("["):
-        extra.append(f"accel.models.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}")
+        extra.append(f"family.stitch.small.ckpt={ROOT / 'checkpoints/digits/digits_s.pt'}")
     return [*DIGITS, f"accel={accel}", *extra]
 
 
@@ -30,7 +31,7 @@ def overrides(accel: str) -> list[str]:
 def test_each_cache_config_composes_into_its_hook(compose_sample, accel):
     cfg = compose_sample(f"accel={accel}", *([CAL] if accel == "mag_cache" else []))
     hooks = build_hooks(cfg)
-    assert cfg.accel.name == accel and len(hooks) == 1 and isinstance(hooks[0], CacheHook)
+    assert label(cfg.accel) == accel and len(hooks) == 1 and isinstance(hooks[0], CacheHook)
     assert hooks[0].name == accel
 
 
@@ -47,7 +48,7 @@ def test_batch_two_equals_a_run_started_at_its_seed(compose_sample, tmp_path, ru
 
 
 def test_stitched_taylorseer_runs_and_removing_the_cache_restores_the_plain_samples(compose_sample, tmp_path):
-    stitched = run_from_config(compose_sample(*overrides("[tstitch_digits,taylorseer]"), "num_samples=2",
+    stitched = run_from_config(compose_sample(*overrides("[tstitch,taylorseer]"), "num_samples=2",
                                               "batch_size=2"), tmp_path / "st")
     assert stitched["steps_per_model"] == {"DiT-digits-S": 5, "DiT-digits-L": 7}
     run_from_config(compose_sample(*overrides("none"), "num_samples=2", "batch_size=2"), tmp_path / "plain")
