@@ -372,3 +372,34 @@ def test_tgate_keep_guidance_caches_self_attention_and_guides_every_step(compose
     macs = {name: m["macs_per_image"] for name, m in runs.items()}
     assert macs["plain"] > macs["keep"] > macs["gated"]
     assert not torch.allclose(run_latents(tmp_path / "keep"), run_latents(tmp_path / "plain"), atol=1e-4)
+
+
+# --- recipes (configs/frontier/*.yaml) -----------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONFIGS / "frontier").glob("*.yaml")))
+def test_every_recipe_composes(recipe):
+    """`scripts/frontier.py +frontier=<recipe>`: the recipe composes over configs/frontier.yaml, its grids make
+    points, and every point's sampling config composes (configs/sample.yaml + base + the point's overrides)."""
+    from benchmarks.frontier.sweep import _points, point_configs, sweep_points
+    from runs.run import check_config
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            overrides = [f"+frontier={recipe}"] + (["evaluate.reference=/data/ref.npz"] if recipe == "dit_xl2_fid5k" else [])
+            cfg = compose(config_name="frontier", overrides=overrides)
+            assert cfg.seeds.selection.seed + cfg.seeds.selection.num_samples <= cfg.seeds.report.seed
+            points, _ = sweep_points(cfg, lambda o: compose(config_name="sample", overrides=o))
+            extra = _points(cfg, "report_grids", points[0].sampler, points[0].steps)
+            assert len(points) > 2 and points[0].technique == "baseline"
+            accel = OmegaConf.to_container(cfg.accel)
+            for point in points + extra:
+                run = compose(config_name="sample", overrides=[*cfg.base, *cfg.run_overrides, *point.overrides(accel)])
+                assert run.sampler.name == point.sampler and run.sampler.steps == point.steps
+                if run.model.get("kind") != "pipeline":  # native models: the sweep's own checks too
+                    check_config(run)
+            if recipe == "dit_xl2_fid5k":
+                cfgs = point_configs(cfg, points[:2], lambda o: compose(config_name="sample", overrides=o), "report")
+                assert all(c.evaluate.reference == "/data/ref.npz" and c.num_samples == 5000 for c in cfgs.values())
+    finally:
+        GlobalHydra.instance().clear()

@@ -26,8 +26,8 @@ TECHNIQUE_NAMES = {"baseline": "large alone", "steps": "large alone, fewer steps
                    "tgate": "T-GATE", "combined": "T-Stitch + T-GATE"}
 GATE_KEYS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "branch")
 GRID_KEYS = ("name", "samplers", "steps", "fractions", "gates", "caches")
-SAMPLERS = ("ddim", "dpmpp_2m", "euler", "ddpm")  # configs/sampler/ of the native loop
-SAMPLER_SHORT = {"ddim": "DDIM", "dpmpp_2m": "DPM++2M", "euler": "Euler", "ddpm": "DDPM"}
+SAMPLERS = ("ddim", "dpmpp_2m", "euler", "ddpm", "pipeline")  # configs/sampler/ (pipeline: a diffusers pipeline's loop)
+SAMPLER_SHORT = {"ddim": "DDIM", "dpmpp_2m": "DPM++2M", "euler": "Euler", "ddpm": "DDPM", "pipeline": "pipeline"}
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,9 @@ def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: st
         name = r["label"] + (f" ({base_name})" if r.get("base_point") and r["technique"] != "baseline" else "")
         name = f"**{name}**" if r is pick else name
         time = [f"{r['seconds']:.2f}", f"{baseline['seconds'] / r['seconds']:.2f}x"] if timed else ["-", "-"]
-        cells = [name, TECHNIQUE_NAMES[r["technique"]], _steps(r), f"{r['macs'] / 1e6:.1f} M",
-                 f"{baseline['macs'] / r['macs']:.2f}x", *time]
+        macs = ([f"{r['macs'] / 1e6:.1f} M", f"{baseline['macs'] / r['macs']:.2f}x"]
+                if r.get("macs") and baseline.get("macs") else ["-", "-"])
+        cells = [name, TECHNIQUE_NAMES[r["technique"]], _steps(r), *macs, *time]
         if digits:
             cells += [f"{r['accuracy']:.4f}", _pt(r, ""), _pt(r, "logreg_"), _pt(r, "knn_"),
                       f"{r['frechet']:.1f} ({r['frechet_real_floor']:.1f})"]
@@ -102,7 +103,8 @@ def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: st
 
 def _versus(row: dict, baseline: dict, quality: str) -> str:
     speed = f"{baseline['seconds'] / row['seconds']:.2f}x faster in time, " if row.get("seconds") else ""
-    text = f"{speed}{baseline['macs'] / row['macs']:.2f}x fewer MACs"
+    text = speed + (f"{baseline['macs'] / row['macs']:.2f}x fewer MACs" if row.get("macs") and baseline.get("macs")
+                    else f"{baseline['quality_run_seconds'] / row['quality_run_seconds']:.2f}x faster (own runs)")
     if quality == "digits":
         text += (f", SVC {row['accuracy']:.4f} ({_pt(row, '')} pt), LogReg {row['logreg_accuracy']:.4f} "
                  f"({_pt(row, 'logreg_')} pt), 5-NN {_pt(row, 'knn_')} pt, Fréchet {row['frechet']:.1f} vs "
@@ -115,8 +117,9 @@ def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str =
     """A few lines on the report set: the baseline, the pick and how it compares, and the base config's own
     point."""
     baseline = rows[0]
-    text = [f"large alone ({baseline['label']}): {baseline['n']} samples, {baseline['macs'] / 1e6:.1f} M MACs per "
-            f"image" + (f", {baseline['seconds']:.2f} s" if baseline.get("seconds") is not None else "")
+    text = [f"large alone ({baseline['label']}): {baseline['n']} samples"
+            + (f", {baseline['macs'] / 1e6:.1f} M MACs per image" if baseline.get("macs") else "")
+            + (f", {baseline['seconds']:.2f} s" if baseline.get("seconds") is not None else "")
             + (f", SVC agreement {baseline['accuracy']:.4f}, LogReg {baseline['logreg_accuracy']:.4f}"
                if quality == "digits" else "")]
     if pick is None:

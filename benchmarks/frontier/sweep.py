@@ -174,7 +174,7 @@ def sample_and_measure(points: list[Point], cfgs: dict[str, DictConfig], out_dir
                "technique": point.technique, "base_point": point == own, "fraction": point.fraction,
                "gate": None if point.gate is None else vars(point.gate), "sampler": point.sampler,
                "steps": point.steps, "models": models,
-               "model_steps": [metrics["steps_per_model"][m] for m in models], "macs": metrics["macs_per_image"],
+               "model_steps": [metrics["steps_per_model"][m] for m in models], "macs": metrics.get("macs_per_image"),
                "quality_run_seconds": metrics["sampling_seconds"],
                **measure_point(folder, quality, reference, metrics)}
         if k == 0:
@@ -194,7 +194,7 @@ def sample_and_measure(points: list[Point], cfgs: dict[str, DictConfig], out_dir
                 row[f"{key}_se"] = float(c.std(ddof=1) / np.sqrt(n))
         row["ssim_se"] = float(np.std(row["ssim_per_sample"], ddof=1) / np.sqrt(n))
         row["n"] = n
-        row["macs_speedup"] = baseline["macs"] / row["macs"]
+        row["macs_speedup"] = baseline["macs"] / row["macs"] if row["macs"] and baseline["macs"] else None
     return rows
 
 
@@ -210,7 +210,7 @@ def _title(cfgs: dict[str, DictConfig], rows: list[dict], seed_set: dict, name: 
 
 
 def _time(rows: list[dict], cfgs: dict[str, DictConfig], cfg: DictConfig, repeats: int, progress: bool) -> None:
-    if not repeats:
+    if not repeats or rows[0]["set"] not in (cfg.timing.get("sets") or SETS):
         return
     timing = cfg.timing
     times = time_round_robin({r["key"]: cfgs[r["key"]] for r in rows}, num_samples=int(timing.num_samples),
@@ -254,6 +254,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     repeats = _int(cfg, "timing.repeats", 0)
     if repeats:
         _int(cfg, "timing.num_samples", 1), _int(cfg, "timing.batch_size", 1), _int(cfg, "timing.warmup", 0)
+    timed_sets = list(cfg.timing.get("sets") or SETS)
+    if set(timed_sets) - set(SETS):
+        raise UserError(f"timing.sets={timed_sets!r}: each must be one of {list(SETS)}")
     points, own = sweep_points(cfg, compose)
     sampler, steps = points[0].sampler, points[0].steps
     extra = _points(cfg, "report_grids", sampler, steps)[1:]
@@ -265,7 +268,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     selection = sample_and_measure(points, cfgs, out_dir / "selection", own, quality, "selection")
     _time(selection, cfgs, cfg, repeats, progress)
     mark_frontiers(selection)
-    cost = "seconds" if repeats else "macs"
+    # the pick's cost: round-robin time; else MACs; else (pipelines count none) each quality run's own time
+    cost = ("seconds" if repeats and "selection" in timed_sets else "macs" if all(r["macs"] for r in selection)
+            else "quality_run_seconds")
     pick_row = pick_fastest(selection, judges, tolerance, cost)
     pick = next((p for p in points if p.key == pick_row["key"]), None) if pick_row else None
 
@@ -287,8 +292,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     text = summary(report, reported_pick, rule, base_name, quality)
     table = markdown_table(report, reported_pick, base_name, quality)
     selection_table = markdown_table(selection, pick_row, base_name, quality)
-    title = _title(report_cfgs, report, sets["report"], "report", cfg.timing, repeats)
-    selection_title = _title(cfgs, selection, sets["selection"], "selection", cfg.timing, repeats)
+    title = _title(report_cfgs, report, sets["report"], "report", cfg.timing, repeats * ("report" in timed_sets))
+    selection_title = _title(cfgs, selection, sets["selection"], "selection", cfg.timing,
+                             repeats * ("selection" in timed_sets))
     figure = Path(cfg.figure) if cfg.get("figure") else out_dir / "frontier.png"
     plot_frontier(report, figure, title=title, pick=reported_pick, tolerance=tolerance, quality=quality)
     selection_figure = out_dir / "frontier_selection.png"
