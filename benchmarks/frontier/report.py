@@ -34,11 +34,13 @@ def agreement_stats(correct: Sequence[bool], baseline_correct: Sequence[bool]) -
     }
 
 
-def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds") \
-        -> dict | None:
-    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge."""
+def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds",
+                 techniques: Sequence[str] | None = None) -> dict | None:
+    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge,
+    among the points of `techniques` (None: of every kind, the large model alone included)."""
     baseline = rows[0]
-    ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)]
+    ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)
+          and (techniques is None or r["technique"] in techniques)]
     return min(ok, key=lambda r: (r[cost], -r.get("accuracy", r.get("ssim", 0.0)))) if ok else None
 
 
@@ -113,7 +115,7 @@ def _versus(row: dict, baseline: dict, quality: str) -> str:
 
 
 def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str = "base",
-            quality: str = "digits") -> str:
+            quality: str = "digits", fastest_any: dict | None = None) -> str:
     """A few lines on the report set: the baseline, the pick and how it compares, and the base config's own
     point."""
     baseline = rows[0]
@@ -127,6 +129,9 @@ def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str =
     else:
         text.append(f"pick ({rule}): {pick['label']} ({pick['key']}), on the report set: "
                     + _versus(pick, baseline, quality))
+    if fastest_any is not None and fastest_any is not pick:
+        text.append(f"the fastest point of ANY kind within the same tolerance (selection set): {fastest_any['label']} "
+                    f"({fastest_any['key']}), on the report set: " + _versus(fastest_any, baseline, quality))
     for own in rows:
         if own.get("base_point") and own["technique"] != "baseline":
             text.append(f"{base_name}: {own['label']} ({own['key']}): " + _versus(own, baseline, quality))
