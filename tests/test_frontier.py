@@ -275,20 +275,20 @@ def test_psnr_to_the_large_model_falls_as_the_fraction_rises(frontier_cfg, tmp_p
 
 
 def test_the_base_experiments_own_point(frontier_cfg, tmp_path):
-    """base_point: +exp=digits_fast's own sampler, steps, fraction and gate, read from its config, against the
+    """base_point: the base experiment's own sampler, steps, fraction and gate, read from its config, against the
     large model alone, on both sets."""
     compose_frontier, compose_sample = frontier_cfg
-    fast = compose_sample(["+exp=digits_fast"])
     cfg = compose_frontier(*TINY, "base_point=true", "grids=[]", "timing.repeats=1")
+    cfg.base = ["+exp=digits_stitch_0.4"]
     result = run_frontier(cfg, compose_sample, tmp_path, progress=False)
-    g = fast.accel.tgate
-    key = (f"{fast.sampler.name}6-r{fast.accel.tstitch.ratio:.2f}-g{g.gate_step}-sp{g.sp_interval}"
-           f"-fi{g.fi_interval}-wu{g.warm_up}-{g.branch}")
     for rows in (result["selection_rows"], result["rows"]):
         base, own = rows[0], next(r for r in rows if r["base_point"])
-        assert own["key"] == key and not base["base_point"] and own["technique"] == "combined"
-    assert f"| {own['label']} (+exp=digits_fast) |" in result["table"].replace("**", "")
-    assert f"+exp=digits_fast: {own['label']} ({own['key']}): " in result["summary"]
+        assert own["key"] == "ddim6-r0.40" and not base["base_point"] and own["technique"] == "tstitch"
+    assert f"| {own['label']} (+exp=digits_stitch_0.4) |" in result["table"].replace("**", "")
+    assert f"+exp=digits_stitch_0.4: {own['label']} ({own['key']}): " in result["summary"]
+    gated = compose_sample(["+exp=digits_stitch_0.4", "accel=tstitch_digits_tgate", "accel.tgate.gate_step=40",
+                            "accel.tgate.sp_interval=2"])
+    assert own_point(gated).key == "ddim50-r0.40-g40-sp2-fi1-wu2-cond"
     for bad, message in (({"hooks": {"deep_cache": {}}, "name": "deep_cache"}, "hooks \\['deep_cache'\\]"),
                          ({"hooks": {"tstitch": {}}, "tstitch": {"ratio": 0.4, "fractions": [0.2, 0.2, 0.6]}},
                           "several models")):
@@ -337,12 +337,13 @@ def test_the_script_runs_a_tiny_sweep(tmp_path):
 def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_sample):
     fast = compose_sample("+exp=digits_fast")
     base = compose_sample("+exp=digits_fast", "accel=none")
-    assert fast.accel.name == "tstitch_digits_tgate_fast" and set(fast.accel.hooks) == {"tstitch", "tgate"}
+    # the protocol's pick (README): T-Stitch 0.8 at DDIM 4, no T-GATE
+    assert fast.accel.name == "tstitch_digits_tgate_fast" and set(fast.accel.hooks) == {"tstitch"}
     assert fast.accel.models.small.name == "DiT-digits-S" and fast.model.name == "DiT-digits-L"
     assert fast.accel.models.small.ckpt == "checkpoints/digits/digits_s.pt"
     hooks = OmegaConf.to_container(fast.accel.hooks, resolve=True)
-    assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio > 0
-    assert hooks["tgate"]["gate_step"] == fast.accel.tgate.gate_step < fast.sampler.steps
+    assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio == 0.8
+    assert fast.sampler.name == "ddim" and fast.sampler.steps == 4 and fast.sampler.cfg_scale == 1.5
     assert base.accel.name == "none" and not base.accel.models and not base.accel.hooks
     for key in ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "num_threads"):
         assert OmegaConf.select(base, key) == OmegaConf.select(fast, key), key
