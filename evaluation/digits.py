@@ -13,8 +13,10 @@ Both are fixed, so numbers compare between runs and machines:
   it is fitted from the real data alone, with settings fixed by scikit-learn's example, the
   same for every run, so it cannot be tuned to (or co-trained with) the models it judges.
   Accuracy = share of samples whose predicted class is the class they were generated for.
-  A second, training-free opinion: a 5-nearest-neighbour vote among the real digits
-  (`knn_accuracy`).
+  A second classifier family, also fitted on the real digits alone: scikit-learn's
+  `LogisticRegression(max_iter=5000)` (a linear model, lbfgs, default C=1) on the same 64
+  intensities scaled to 0..1 (`logreg_accuracy`). A training-free third opinion: a
+  5-nearest-neighbour vote among the real digits (`knn_accuracy`).
 * Fréchet distance: between Gaussians fitted to the features of the samples and of all
   1,797 real digits (FID's formula in this 64-d space). It depends on the sample count N
   (small N inflates it), so each result also carries `frechet_real_floor`: the same distance
@@ -59,6 +61,18 @@ def _classifier():
     return SVC(gamma=0.001)
 
 
+def _linear_classifier():
+    """The second family: multinomial logistic regression on the intensities scaled to 0..1 (lbfgs converges)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    return make_pipeline(FunctionTransformer(lambda x: x / 16.0), LogisticRegression(max_iter=5000))
+
+
+JUDGES = ("svc", "logreg", "knn")  # the classifiers of `judge_per_sample`; row keys accuracy, logreg_accuracy, ...
+
+
 class DigitsQuality:
     """Fitted once on the real digits; call it on (images, labels) of a run."""
 
@@ -69,6 +83,7 @@ class DigitsQuality:
         self.real_features = digits_features(images)                  # (1797, 64)
         self.real_labels = labels
         self.classifier = _classifier().fit(self.real_features, labels)
+        self.linear = _linear_classifier().fit(self.real_features, labels)
         self.knn = KNeighborsClassifier(n_neighbors=5).fit(self.real_features, labels)
         self.real_mu, self.real_cov = gaussian_stats(self.real_features)
 
@@ -92,6 +107,13 @@ class DigitsQuality:
             raise UserError(f"{len(features)} images but {len(labels)} labels")
         return self.classifier.predict(features) == labels
 
+    def judge_per_sample(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """{judge: (N,) bool} for each of JUDGES: whether that classifier gives sample k its requested class."""
+        features = digits_features(images)
+        labels = np.asarray(labels).astype(np.int64)
+        return {"svc": self._correct(features, labels), "logreg": self.linear.predict(features) == labels,
+                "knn": self.knn.predict(features) == labels}
+
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
         features = digits_features(images)
         labels = np.asarray(labels).astype(np.int64)
@@ -99,6 +121,7 @@ class DigitsQuality:
         per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
         return {
             "accuracy": float(correct.mean()),
+            "logreg_accuracy": float((self.linear.predict(features) == labels).mean()),
             "knn_accuracy": float((self.knn.predict(features) == labels).mean()),
             "frechet": self.frechet(features),
             "frechet_real_floor": self.real_floor(len(features)),
@@ -120,6 +143,11 @@ def evaluate_digits(images: np.ndarray, labels: np.ndarray) -> dict:
 def agreement_per_sample(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(N,) bool: sample k's classifier agreement, with the shared classifier (the mean is `accuracy`)."""
     return _quality().correct(images, labels)
+
+
+def judges_per_sample(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """{judge: (N,) bool} for the shared classifiers (svc, logreg, knn): paired comparisons of runs."""
+    return _quality().judge_per_sample(images, labels)
 
 
 def classifier_cv_accuracy(folds: int = 5) -> float:

@@ -1,8 +1,8 @@
 """The speed-quality frontier: python scripts/frontier.py [key=value ...]; --help for more.
 
-Sweeps T-Stitch fractions x T-GATE settings on one pair (configs/frontier.yaml), all points on the
-same seeds and labels, and writes the table, the numbers and the Pareto-frontier figure into the
-run folder (benchmarks/frontier/).
+Sweeps samplers x steps x T-Stitch fractions x T-GATE settings (configs/frontier.yaml; recipes for other
+models in configs/frontier/, `+frontier=<recipe>`), chooses on the selection seeds, reports on the disjoint
+report seeds, and writes the tables, the numbers and the figures into the run folder (benchmarks/frontier/).
 """
 import hydra
 from hydra import compose
@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> None:
         print(f"figure: {replot(HydraConfig.get().runtime.output_dir, cfg.figure)}")
         return
     result = run_frontier(cfg, compose_sample, HydraConfig.get().runtime.output_dir)
-    print(f"\n{result['title']}\n\n{result['summary']}\n\n{result['table']}\n\nfigure: {result['figure']}")
+    print(f"\n{result['title']}\n\n{result['summary']}\n\n{result['table']}\n\nfigure: {result['figure']}"
+          + (f"\nsteps x samplers figure: {result['steps_figure']}" if result["steps_figure"] else ""))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ CASES = {
                            "error: sampler.stpes=5: the config has no key"),
     "train": (["steps=0"], "error: steps=0: "),
     "count_macs": (["model=dit_s2", "accel=tgate", "accel.tgate.gate_step=0"], "error: accel.tgate.gate_step=0: "),
-    "frontier": (["tolerance=2"], "error: tolerance=2: "),
+    "frontier": (["pick.tolerance=2"], "error: pick.tolerance=2: "),
     "bench": (["ratios=[0.5,1.5]"], "error: ratios=[0.5, 1.5]: "),
     "bench_tgate": (["tgate.gate_step=0"], "error: tgate.gate_step=0: "),
     "bench_deep_cache": (["deep_cache.cache_interval=0"], "error: deep_cache.cache_interval=0: "),

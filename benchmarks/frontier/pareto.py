@@ -1,20 +1,28 @@
 """Pareto frontiers of quality against cost, and the frontier figure.
 
 A point is on the frontier when no other point costs no more and is at least as good, one of
-the two strictly. Curves: one per technique alone (T-Stitch, T-GATE) and one for the
-combination, each drawn through its own frontier and starting at the large model alone.
+the two strictly. Curves: one per technique alone (T-Stitch, T-GATE), one for the combination and
+one for the large model alone at fewer steps or with another sampler, each drawn through its own
+frontier and starting at the large model alone. T-Stitch at fewer steps is on the T-Stitch curve.
+A second figure (plot_steps_samplers) is T-Stitch's own: quality against steps, one panel per
+sampler, one line per T-Stitch fraction (0: the large model alone).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-# quality measures: (row key, axis label, higher is better)
-QUALITIES = (("accuracy", "classifier agreement", True), ("frechet", "Fréchet distance (64 pixels)", False))
+# quality measures of each kind of sweep: (row key, axis label, higher is better)
+QUALITIES = {
+    "digits": (("accuracy", "SVC agreement", True), ("logreg_accuracy", "LogReg agreement", True),
+               ("frechet", "Fréchet distance (64 pixels)", False), ("ssim", "SSIM to large alone, same seed", True)),
+    "images": (("ssim", "SSIM to large alone, same seed", True), ("fid", "FID", False)),
+}
 # cost axes: (row key, axis label, scale)
 COSTS = (("macs", "denoiser MACs per image (M)", 1e-6), ("seconds", "sampling time (s)", 1.0))
 CURVES = (("tstitch", "T-Stitch alone", "tab:blue"), ("tgate", "T-GATE alone", "tab:orange"),
-          ("combined", "T-Stitch + T-GATE", "tab:green"))
+          ("combined", "T-Stitch + T-GATE", "tab:green"),
+          ("steps", "large alone, fewer steps / other sampler", "tab:gray"))
 
 
 def pareto_front(rows: Sequence[dict], cost: str, quality: str, higher_is_better: bool = True) -> list[dict]:
@@ -52,18 +60,19 @@ def _limits(values: Sequence[float]) -> tuple[float, float]:
 
 
 def plot_frontier(rows: Sequence[dict], out: Path, *, title: str = "", pick: dict | None = None,
-                  tolerance: float | None = None) -> Path:
+                  tolerance: float | None = None, quality: str = "digits") -> Path:
     """Quality (agreement, Fréchet) against MACs and against time (when timed): every point faint,
     each curve's frontier drawn and labelled, the large model alone as a black star, `pick` ringed.
     The quality axis spans the frontiers; points far outside it (e.g. a broken setting) sit on its
     edge as triangles, with their labels."""
     plt = _pyplot()
     costs = [c for c in COSTS if all(r.get(c[0]) is not None for r in rows)]
-    fig, axes = plt.subplots(len(QUALITIES), len(costs), figsize=(7.5 * len(costs), 5.2 * len(QUALITIES)),
+    qualities = [q for q in QUALITIES[quality] if all(r.get(q[0]) is not None for r in rows)]
+    fig, axes = plt.subplots(len(qualities), len(costs), figsize=(7.5 * len(costs), 5.2 * len(qualities)),
                              squeeze=False)
     baseline = next(r for r in rows if r["technique"] == "baseline")
     curves = technique_curves(rows)
-    for i, (quality, q_label, higher) in enumerate(QUALITIES):
+    for i, (quality, q_label, higher) in enumerate(qualities):
         for j, (cost, c_label, scale) in enumerate(costs):
             ax = axes[i][j]
             fronts = {name: pareto_front(points, cost, quality, higher) for name, points in curves.items()}
@@ -97,16 +106,21 @@ def plot_frontier(rows: Sequence[dict], out: Path, *, title: str = "", pick: dic
             if pick is not None:
                 ax.scatter([pick[cost] * scale], [pick[quality]], s=160, facecolors="none", edgecolors="red",
                            lw=1.5, zorder=6, label=f"pick: {pick['short_label']}")
-            if quality == "accuracy" and tolerance is not None:
-                ax.axhline(baseline["accuracy"] - tolerance, color="grey", ls=":", lw=1,
+            if quality in ("accuracy", "logreg_accuracy") and tolerance is not None:
+                ax.axhline(baseline[quality] - tolerance, color="grey", ls=":", lw=1,
                            label=f"large alone - {tolerance:g}")
             ax.set_ylim(lo, hi)
             ax.set_xlabel(c_label)
-            floor = f"; real digits, same N: {baseline['frechet_real_floor']:.1f}" if quality == "frechet" else ""
+            floor = (f"; real digits, same N: {baseline['frechet_real_floor']:.1f}"
+                     if quality == "frechet" and "frechet_real_floor" in baseline else "")
             ax.set_ylabel(q_label + (" (higher is better)" if higher else f" (lower is better{floor})"))
             ax.set_xlim(left=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="best")
+    return _save(fig, plt, out, title)
+
+
+def _save(fig, plt, out: Path, title: str) -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -116,3 +130,31 @@ def plot_frontier(rows: Sequence[dict], out: Path, *, title: str = "", pick: dic
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def plot_steps_samplers(rows: Sequence[dict], out: Path, *, quality: str = "digits", title: str = "") -> Path:
+    """T-Stitch's steps x samplers figure: quality against the number of steps, one column per sampler, one
+    line per T-Stitch fraction (0 = the large model alone); points without T-GATE only."""
+    plt = _pyplot()
+    plain = [r for r in rows if r.get("gate") is None]
+    samplers = list(dict.fromkeys(r["sampler"] for r in plain))
+    fractions = sorted({r["fraction"] for r in plain})
+    qualities = [q for q in QUALITIES[quality][:3] if all(r.get(q[0]) is not None for r in plain)]
+    fig, axes = plt.subplots(len(qualities), len(samplers), figsize=(5.2 * len(samplers), 4.2 * len(qualities)),
+                             squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for j, sampler in enumerate(samplers):
+        for i, (key, label, higher) in enumerate(qualities):
+            ax = axes[i][j]
+            for k, fraction in enumerate(fractions):
+                line = sorted((r for r in plain if r["sampler"] == sampler and r["fraction"] == fraction),
+                              key=lambda r: r["steps"])
+                if line:
+                    ax.plot([r["steps"] for r in line], [r[key] for r in line], "o-", ms=4,
+                            color=colors(k / max(len(fractions) - 1, 1)),
+                            label="large alone" if fraction == 0 else f"T-Stitch {fraction:g}")
+            ax.set_xlabel(f"{sampler} steps")
+            ax.set_ylabel(label + (" (higher is better)" if higher else " (lower is better)"))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, plt, out, title)

@@ -1,21 +1,33 @@
-"""The points of a speed-quality sweep: a T-Stitch fraction and a T-GATE setting (or none).
+"""The points of a speed-quality sweep: a sampler and step count, a T-Stitch fraction, a T-GATE setting.
 
-A point is turned into overrides of configs/sample.yaml: the accel config that holds exactly the
-techniques it uses (the large model alone runs `accel=none`, not a gate that never fires), and the
-fraction and gate settings. Every point shares the base overrides, seeds and labels (paired).
+A point is turned into overrides of configs/sample.yaml: the sampler and its steps, the accel config
+that holds exactly the techniques it uses (the large model alone runs `accel=none`, not a gate that
+never fires), and the fraction and gate settings. Every point shares the base overrides, seeds and
+labels (paired).
+
+In the sweep's grids, settings that are step indices are fractions of the point's steps, so one grid
+serves every step count: T-GATE's `gate_step` and `warm_up` (0.8 = step 40 of 50, step 20 of 25;
+rounded half up). Its `sp_interval` / `fi_interval` are periods (every k-th step), not indices, and
+stay counts. A resolved `Gate` holds tgate's own integer step indices.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from diffusion.errors import UserError
 from tgate import TGateConfig
 
-TECHNIQUES = ("baseline", "tstitch", "tgate", "combined")  # the keys of the accel-name mapping
-TECHNIQUE_NAMES = {"baseline": "large alone", "tstitch": "T-Stitch", "tgate": "T-GATE",
-                   "combined": "T-Stitch + T-GATE"}
+# the kinds of point; the keys of the accel-name mapping (configs/frontier.yaml `accel:`) are ACCEL_KINDS
+TECHNIQUES = ("baseline", "steps", "tstitch", "tgate", "combined")
+ACCEL_KINDS = ("baseline", "tstitch", "tgate", "combined")  # "steps" runs the baseline's accel config
+TECHNIQUE_NAMES = {"baseline": "large alone", "steps": "large alone, fewer steps / sampler", "tstitch": "T-Stitch",
+                   "tgate": "T-GATE", "combined": "T-Stitch + T-GATE"}
 GATE_KEYS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "branch")
+GRID_KEYS = ("name", "samplers", "steps", "fractions", "gates", "caches")
+SAMPLERS = ("ddim", "dpmpp_2m", "euler", "ddpm", "pipeline")  # configs/sampler/ (pipeline: a diffusers pipeline's loop)
+SAMPLER_SHORT = {"ddim": "DDIM", "dpmpp_2m": "DPM++2M", "euler": "Euler", "ddpm": "DDPM", "pipeline": "pipeline"}
 
 
 @dataclass(frozen=True)
@@ -44,49 +56,68 @@ class Gate:
 class Point:
     fraction: float  # the small model's share of the steps (0: the large model alone)
     gate: Gate | None = None  # None: no T-GATE
+    sampler: str = "ddim"  # configs/sampler/<sampler>.yaml
+    steps: int = 50  # sampler.steps
+    base: bool = False  # the sampler and steps of the base config (its large model alone is THE baseline)
 
     def __post_init__(self):
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
                 or not 0.0 <= self.fraction <= 1.0:
             raise UserError(f"fraction={self.fraction!r}: must be a number in [0, 1]")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"samplers: {self.sampler!r} is not a sampler of the sweep; allowed: {list(SAMPLERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise UserError(f"steps: {self.steps!r} must be an integer >= 1")
         object.__setattr__(self, "fraction", float(self.fraction))
 
     @property
     def technique(self) -> str:
         stitched = self.fraction > 0
         if self.gate is None:
-            return "tstitch" if stitched else "baseline"
+            return "tstitch" if stitched else ("baseline" if self.base else "steps")
         return "combined" if stitched else "tgate"
 
     @property
+    def accel_kind(self) -> str:
+        return "baseline" if self.technique == "steps" else self.technique
+
+    @property
     def key(self) -> str:
-        """A folder name: r0.40, r0.40-g40-sp1-fi1-wu2-cond."""
-        key = f"r{self.fraction:.2f}"
+        """A folder name: ddim50-r0.00, dpmpp_2m15-r0.40, ddim50-r0.40-g40-sp1-fi1-wu2-cond."""
+        key = f"{self.sampler}{self.steps}-r{self.fraction:.2f}"
         if self.gate is not None:
             g = self.gate
             key += f"-g{g.gate_step}-sp{g.sp_interval}-fi{g.fi_interval}-wu{g.warm_up}-{g.branch}"
         return key
 
     @property
+    def run_label(self) -> str:
+        """'DDIM 50', 'DPM++2M 15'."""
+        return f"{SAMPLER_SHORT[self.sampler]} {self.steps}"
+
+    @property
     def label(self) -> str:
-        """For tables and figures: 'large alone', 'S 0.4', 'g40 sp1 fi1 wu2', 'S 0.4 + g40 ...'."""
+        """For tables: 'large alone, DDIM 50', 'S 0.4, DDIM 25', 'S 0.4 + g40 sp1 fi1 wu2, DDIM 50'."""
         parts = ([f"S {self.fraction:g}"] if self.fraction > 0 else []) + ([self.gate.label] if self.gate else [])
-        return " + ".join(parts) or "large alone"
+        return f"{' + '.join(parts) or 'large alone'}, {self.run_label}"
 
     @property
     def short_label(self) -> str:
-        """For figure annotations: 'S0.4', 'g40', 'S0.4 g40 sp2', 'g25 fi2 uncond' (intervals of 1 left out)."""
+        """For figure annotations: 'L', 'L 25', 'S0.4', 'S0.4 25', 'S0.4 g40 sp2' (the base sampler and steps and
+        intervals of 1 left out; another sampler by its short name)."""
         parts = [f"S{self.fraction:g}"] if self.fraction > 0 else []
         if self.gate is not None:
             g = self.gate
             parts.append(f"g{g.gate_step}" + (f" sp{g.sp_interval}" if g.sp_interval > 1 else "")
                          + (f" fi{g.fi_interval}" if g.fi_interval > 1 else "")
                          + (f" {g.branch}" if g.branch != "cond" else ""))
-        return " ".join(parts) or "L"
+        if not self.base:
+            parts.append(f"{'' if self.sampler == 'ddim' else SAMPLER_SHORT[self.sampler]}{self.steps}")
+        return " ".join(parts) if self.fraction > 0 or self.gate else " ".join(["L", *parts])
 
     def overrides(self, accel_names: Mapping[str, str]) -> list[str]:
         """Overrides of configs/sample.yaml (after the base ones) that make this point's run."""
-        out = [f"accel={accel_names[self.technique]}"]
+        out = [f"sampler={self.sampler}", f"sampler.steps={self.steps}", f"accel={accel_names[self.accel_kind]}"]
         if self.fraction > 0:
             out.append(f"accel.tstitch.ratio={self.fraction}")
         if self.gate is not None:
@@ -94,11 +125,17 @@ class Point:
         return out
 
 
-BASELINE = Point(0.0)
+def step_index(fraction, steps: int, name: str) -> int:
+    """A fraction of the steps as a step index (rounded half up): 0.8 of 50 -> 40, of 25 -> 20."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise UserError(f"T-GATE setting {name}={fraction!r}: in a sweep's grid it is a fraction of the steps, "
+                        "a number in [0, 1] (0.8 = step 40 of 50)")
+    return int(math.floor(fraction * steps + 0.5))
 
 
-def make_gate(spec, defaults: Mapping | None = None) -> Gate | None:
-    """A gate from a config entry: null (no T-GATE) or a mapping of GATE_KEYS (missing keys from defaults)."""
+def make_gate(spec, defaults: Mapping | None = None, steps: int = 50) -> Gate | None:
+    """A gate from a config entry at `steps` steps: null (no T-GATE) or a mapping of GATE_KEYS (missing keys
+    from defaults); gate_step and warm_up are fractions of the steps."""
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
@@ -109,29 +146,50 @@ def make_gate(spec, defaults: Mapping | None = None) -> Gate | None:
     merged = {**(defaults or {}), **spec}
     if "gate_step" not in merged:
         raise UserError(f"T-GATE setting {dict(spec)}: needs gate_step")
+    for name in ("gate_step", "warm_up"):
+        if name in merged:
+            merged[name] = step_index(merged[name], steps, name)
     return Gate(**{k: merged[k] for k in GATE_KEYS if k in merged})
 
 
-def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None) -> list[Point]:
-    """The union of the grids (each {name (optional), fractions, gates}: every fraction with every gate),
-    the large model alone first, then in grid order, each point once."""
+def _list(grid: Mapping, key: str, default: list, name) -> list:
+    value = grid.get(key, default)
+    value = default if value is None else value
+    if isinstance(value, (str, int, float)):
+        value = [value]
+    value = list(value)
+    if not value:
+        raise UserError(f"grid {name!r}: {key} must not be empty (use [null] for no T-GATE)")
+    return value
+
+
+def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None, sampler: str = "ddim",
+                steps: int = 50) -> list[Point]:
+    """The union of the grids (each {name, samplers, steps, fractions, gates}: every combination), the large
+    model alone at the base `sampler` and `steps` first, then in grid order, each point once. A grid leaves
+    out samplers / steps to run the base ones."""
     if isinstance(grids, Mapping) or not isinstance(grids, Sequence):
-        raise UserError(f"grids: must be a list of {{name, fractions, gates}}, got {grids!r}")
-    points = [BASELINE]
+        raise UserError(f"grids: must be a list of {{name, samplers, steps, fractions, gates}}, got {grids!r}")
+    baseline = Point(0.0, None, sampler, steps, base=True)
+    points = [baseline]
     for k, grid in enumerate(grids):
         name = grid.get("name", k) if isinstance(grid, Mapping) else k
         if not isinstance(grid, Mapping):
-            raise UserError(f"grid {name!r}: must be a mapping {{name, fractions, gates}}, got {grid!r}")
-        unknown = sorted(set(grid) - {"name", "fractions", "gates"})
+            raise UserError(f"grid {name!r}: must be a mapping {{name, samplers, steps, fractions, gates}}, "
+                            f"got {grid!r}")
+        unknown = sorted(set(grid) - set(GRID_KEYS))
         if unknown:
-            raise UserError(f"grid {name!r}: unknown keys {unknown}; allowed: ['name', 'fractions', 'gates']")
-        fractions, gates = list(grid.get("fractions", [0.0])), list(grid.get("gates", [None]))
-        if not fractions or not gates:
-            raise UserError(f"grid {name!r}: fractions and gates must not be empty (use [null] for no T-GATE)")
-        for gate_spec in gates:
-            gate = make_gate(gate_spec, gate_defaults)
-            for fraction in fractions:
-                point = Point(fraction, gate)
-                if point not in points:
-                    points.append(point)
+            raise UserError(f"grid {name!r}: unknown keys {unknown}; allowed: {list(GRID_KEYS)}")
+        if grid.get("caches"):  # the slot of the caches issue (diffusers' FirstBlockCache, ...): not swept yet
+            raise UserError(f"grid {name!r}: caches={grid['caches']!r}: no cache is in the sweep yet; allowed: "
+                            "[] (the grid kind is reserved for the caches issue)")
+        for sampler_name in _list(grid, "samplers", [sampler], name):
+            for n in _list(grid, "steps", [steps], name):
+                for gate_spec in _list(grid, "gates", [None], name):
+                    gate = make_gate(gate_spec, gate_defaults, n)
+                    for fraction in _list(grid, "fractions", [0.0], name):
+                        point = Point(fraction, gate, str(sampler_name), n,
+                                      base=(sampler_name, n) == (sampler, steps))
+                        if point not in points:
+                            points.append(point)
     return points

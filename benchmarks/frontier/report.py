@@ -1,4 +1,4 @@
-"""The sweep's numbers: standard errors, the pick, the Markdown table.
+"""The sweep's numbers: standard errors, the pick, the Markdown table, the summary.
 
 Every point samples the same seeds and labels, so two points compare sample by sample: the
 standard error of a difference in agreement is that of the per-sample differences (paired),
@@ -13,6 +13,7 @@ import numpy as np
 
 from diffusion.errors import UserError
 
+from .judges import within
 from .pareto import pareto_front
 from .points import TECHNIQUE_NAMES
 
@@ -33,19 +34,24 @@ def agreement_stats(correct: Sequence[bool], baseline_correct: Sequence[bool]) -
     }
 
 
-def pick_fastest(rows: Sequence[dict], tolerance: float, cost: str = "seconds") -> dict | None:
-    """The cheapest point (by `cost`) whose agreement is at most `tolerance` below the large model alone's."""
-    baseline = next(r for r in rows if r["technique"] == "baseline")
-    ok = [r for r in rows if r.get(cost) is not None and r["accuracy"] >= baseline["accuracy"] - tolerance - 1e-12]
-    return min(ok, key=lambda r: (r[cost], -r["accuracy"])) if ok else None
+def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds",
+                 techniques: Sequence[str] | None = None) -> dict | None:
+    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge,
+    among the points of `techniques` (None: of every kind, the large model alone included)."""
+    baseline = rows[0]
+    ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)
+          and (techniques is None or r["technique"] in techniques)]
+    return min(ok, key=lambda r: (r[cost], -r.get("accuracy", r.get("ssim", 0.0)))) if ok else None
 
 
 def mark_frontiers(rows: Sequence[dict]) -> None:
-    """row["frontier"]: the cost axes ("MACs", "time") on whose agreement frontier (all points) the row lies."""
+    """row["frontier"]: the cost axes ("MACs", "time") on whose quality frontier (all points) the row lies
+    (SVC agreement for the digits, else SSIM to the large model alone)."""
+    quality = "accuracy" if "accuracy" in rows[0] else "ssim"
     on = {id(r): [] for r in rows}
     for cost, name in (("macs", "MACs"), ("seconds", "time")):
         if all(r.get(cost) is not None for r in rows):
-            for r in pareto_front(rows, cost, "accuracy"):
+            for r in pareto_front(rows, cost, quality):
                 on[id(r)].append(name)
     for r in rows:
         r["frontier"] = on[id(r)]
@@ -53,50 +59,80 @@ def mark_frontiers(rows: Sequence[dict]) -> None:
 
 def _steps(row: dict) -> str:
     """Steps of each model in run order (small first); the large model alone: 0 / n."""
-    steps = row["steps"]
+    steps = row["model_steps"]
     return " / ".join(str(v) for v in steps) if len(steps) > 1 else f"0 / {steps[0]}"
 
 
-def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: str = "base") -> str:
-    """One row per point, in sweep order; time and speed-up against the large model alone of the same run.
-    The pick is in bold; the base config's own point (base_point) is marked with base_name."""
-    baseline = next(r for r in rows if r["technique"] == "baseline")
+def _pt(row: dict, prefix: str) -> str:
+    return f"{100 * row[prefix + 'delta']:+.1f} ({100 * row[prefix + 'delta_se']:.1f})"
+
+
+def _psnr(row: dict) -> str:
+    return "inf" if math.isinf(row["psnr"]) else f"{row['psnr']:.1f}"
+
+
+def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: str = "base",
+                   quality: str = "digits") -> str:
+    """One row per point; time and speed-up against the large model alone (the first row) of the same set.
+    Agreement differences in points (paired SE); the pick in bold; the base config's own point marked."""
+    baseline = rows[0]
     timed = baseline.get("seconds") is not None
-    lines = ["| setting | technique | steps S / L | MACs / image | MACs vs large | sampling s | speed-up | "
-             "agreement (SE) | vs large (paired SE) | 5-NN | Fréchet (floor) | frontier |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    digits = quality == "digits"
+    head = ["setting", "technique", "steps S / L", "MACs / image", "MACs vs large", "sampling s", "speed-up"]
+    if digits:
+        head += ["SVC agreement", "vs large, pt (paired SE)", "LogReg vs large, pt", "5-NN vs large, pt",
+                 "Fréchet (floor)"]
+    else:
+        head += [k for k in ("fid", "inception_score", "clip_score") if k in baseline]
+    head += ["PSNR dB", "SSIM", "frontier"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = r["label"] + (f" ({base_name})" if r.get("base_point") and r["technique"] != "baseline" else "")
         name = f"**{name}**" if r is pick else name
-        time = (f"{r['seconds']:.2f} | {baseline['seconds'] / r['seconds']:.2f}x" if timed else "- | -")
-        lines.append(
-            f"| {name} | {TECHNIQUE_NAMES[r['technique']]} | {_steps(r)} | {r['macs'] / 1e6:.1f} M | "
-            f"{baseline['macs'] / r['macs']:.2f}x | {time} | {r['accuracy']:.3f} ({r['accuracy_se']:.3f}) | "
-            f"{100 * r['delta']:+.1f} ({100 * r['delta_se']:.1f}) pt | {r['knn_accuracy']:.3f} | "
-            f"{r['frechet']:.1f} ({r['frechet_real_floor']:.1f}) | {', '.join(r.get('frontier', [])) or ''} |")
+        time = [f"{r['seconds']:.2f}", f"{baseline['seconds'] / r['seconds']:.2f}x"] if timed else ["-", "-"]
+        macs = ([f"{r['macs'] / 1e6:.1f} M", f"{baseline['macs'] / r['macs']:.2f}x"]
+                if r.get("macs") and baseline.get("macs") else ["-", "-"])
+        cells = [name, TECHNIQUE_NAMES[r["technique"]], _steps(r), *macs, *time]
+        if digits:
+            cells += [f"{r['accuracy']:.4f}", _pt(r, ""), _pt(r, "logreg_"), _pt(r, "knn_"),
+                      f"{r['frechet']:.1f} ({r['frechet_real_floor']:.1f})"]
+        else:
+            cells += [f"{r[k]:.3f}" for k in ("fid", "inception_score", "clip_score") if k in baseline]
+        cells += [_psnr(r), f"{r['ssim']:.3f}", ", ".join(r.get("frontier", []))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _versus(row: dict, baseline: dict) -> str:
+def _versus(row: dict, baseline: dict, quality: str) -> str:
     speed = f"{baseline['seconds'] / row['seconds']:.2f}x faster in time, " if row.get("seconds") else ""
-    return (f"{speed}{baseline['macs'] / row['macs']:.2f}x fewer MACs, agreement {row['accuracy']:.3f} "
-            f"({100 * row['delta']:+.1f} pt, paired SE {100 * row['delta_se']:.1f} pt), "
-            f"Fréchet {row['frechet']:.1f} vs {baseline['frechet']:.1f}")
+    text = speed + (f"{baseline['macs'] / row['macs']:.2f}x fewer MACs" if row.get("macs") and baseline.get("macs")
+                    else f"{baseline['quality_run_seconds'] / row['quality_run_seconds']:.2f}x faster (own runs)")
+    if quality == "digits":
+        text += (f", SVC {row['accuracy']:.4f} ({_pt(row, '')} pt), LogReg {row['logreg_accuracy']:.4f} "
+                 f"({_pt(row, 'logreg_')} pt), 5-NN {_pt(row, 'knn_')} pt, Fréchet {row['frechet']:.1f} vs "
+                 f"{baseline['frechet']:.1f}")
+    return text + f", PSNR {_psnr(row)} dB, SSIM {row['ssim']:.3f} to the large model's sample"
 
 
-def summary(rows: Sequence[dict], pick: dict | None, tolerance: float, cost: str, base_name: str = "base") -> str:
-    """A few lines: the baseline, the pick and how it compares (or that no point is within tolerance), and
-    the base config's own point (base_point)."""
-    baseline = next(r for r in rows if r["technique"] == "baseline")
-    text = [f"large alone: agreement {baseline['accuracy']:.3f} (SE {baseline['accuracy_se']:.3f}, {baseline['n']} "
-            f"samples), {baseline['macs'] / 1e6:.1f} M MACs per image"
-            + (f", {baseline['seconds']:.2f} s" if baseline.get("seconds") is not None else "")]
+def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str = "base",
+            quality: str = "digits", fastest_any: dict | None = None) -> str:
+    """A few lines on the report set: the baseline, the pick and how it compares, and the base config's own
+    point."""
+    baseline = rows[0]
+    text = [f"large alone ({baseline['label']}): {baseline['n']} samples"
+            + (f", {baseline['macs'] / 1e6:.1f} M MACs per image" if baseline.get("macs") else "")
+            + (f", {baseline['seconds']:.2f} s" if baseline.get("seconds") is not None else "")
+            + (f", SVC agreement {baseline['accuracy']:.4f}, LogReg {baseline['logreg_accuracy']:.4f}"
+               if quality == "digits" else "")]
     if pick is None:
-        text.append(f"no point within {tolerance:g} of its agreement")
+        text.append(f"pick ({rule}): none")
     else:
-        text.append(f"fastest by {cost} within {tolerance:g} of its agreement: {pick['label']} ({pick['key']}): "
-                    + _versus(pick, baseline))
-    own = next((r for r in rows if r.get("base_point") and r["technique"] != "baseline"), None)
-    if own is not None:
-        text.append(f"{base_name}: {own['label']} ({own['key']}): " + _versus(own, baseline))
+        text.append(f"pick ({rule}): {pick['label']} ({pick['key']}), on the report set: "
+                    + _versus(pick, baseline, quality))
+    if fastest_any is not None and fastest_any is not pick:
+        text.append(f"the fastest point of ANY kind within the same tolerance (selection set): {fastest_any['label']} "
+                    f"({fastest_any['key']}), on the report set: " + _versus(fastest_any, baseline, quality))
+    for own in rows:
+        if own.get("base_point") and own["technique"] != "baseline":
+            text.append(f"{base_name}: {own['label']} ({own['key']}): " + _versus(own, baseline, quality))
     return "\n".join(text)
