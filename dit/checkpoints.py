@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint_files import check_finite, read_torch_file
+from diffusion.checkpoint_files import check_finite, local_file, read_torch_file
 from diffusion.errors import UserError
 from diffusion.state_dicts import load_state_dict_checked
 from dit.convert import (
@@ -73,8 +73,8 @@ def _unavailable(name: str, folder: Path, reason: str) -> CheckpointNotFoundErro
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local file/folder -> itself; official release name -> cached (downloaded if needed) file."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
+    path = local_file(name_or_path)  # relative paths: the working directory, then the repository
+    if path is not None:
         return path
     name = str(name_or_path)
     if name not in OFFICIAL_CHECKPOINTS:
