@@ -106,9 +106,9 @@ def _hub_cached(repo_id: str) -> bool:
         return False
 
 
-def _needed_downloads(cfg: DictConfig) -> list[tuple[str, str, str]]:
-    """(key, what, host) of every model the run would download: hub ids not in the local cache,
-    DiT release files not in torch's cache."""
+def _needed_downloads(cfg: DictConfig) -> list[tuple[str, str, str, str]]:
+    """(key, its value as set, what is downloaded, from which host) of every model the run would
+    download: hub ids not in the local cache, DiT release files not in torch's cache."""
     if not cfg.pretrained:
         return []
     from huggingface_hub.constants import ENDPOINT
@@ -117,22 +117,24 @@ def _needed_downloads(cfg: DictConfig) -> list[tuple[str, str, str]]:
 
     hub_host = urlparse(ENDPOINT).hostname or "huggingface.co"
     needed = []
+    pipeline = cfg.model.get("kind") == "pipeline"
     for key, node in _nodes(cfg):
+        if key == "vae" and (pipeline or node.get("_target_")):
+            continue  # a pipeline's own VAE, or an LDM's own first stage (read from its checkpoint)
         source = node.get("source")
-        if key == "vae" and node.get("_target_"):
-            source = None  # an LDM's own first stage, read from its checkpoint
         if isinstance(source, str) and source not in ("", "none") and local_file(source) is None:
             if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not _hub_cached(source):
-                needed.append((f"{key}.source", source, hub_host))
+                needed.append((f"{key}.source", source, source, hub_host))
         if key == "vae" or node.get("kind") == "pipeline" or "ckpt" not in node:
             continue
-        ckpt = node.get("ckpt")
-        if ckpt is None and node.get("_target_", "").startswith("dit."):
+        ckpt = shown = node.get("ckpt")
+        if ckpt is None and node.get("_target_", "").startswith("dit."):  # null: the official release file
             size = node.get("image_size")
             ckpt = official_checkpoint_for(str(node.get("name")), int(size) // 8) if size else None
+            shown = f"null (the release file {ckpt})"
         if isinstance(ckpt, str) and ckpt in OFFICIAL_CHECKPOINTS and local_file(ckpt) is None:
             if not (default_cache_dir() / ckpt).is_file():
-                needed.append((f"{key}.ckpt", ckpt, urlparse(OFFICIAL_CHECKPOINTS[ckpt]).hostname))
+                needed.append((f"{key}.ckpt", shown, ckpt, urlparse(OFFICIAL_CHECKPOINTS[ckpt]).hostname))
     return needed
 
 
@@ -154,16 +156,16 @@ def check_downloads(cfg: DictConfig) -> None:
                     if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")), None)
     why = offline
     if why is None:
-        why = next((r for r in (_unreachable(h) for h in dict.fromkeys(h for _, _, h in needed)) if r), None)
+        why = next((r for r in (_unreachable(h) for h in dict.fromkeys(h for *_, h in needed)) if r), None)
     if why is None:
         return  # downloadable: the loaders fetch them
     from huggingface_hub.constants import HF_HUB_CACHE
 
     from dit.checkpoints import default_cache_dir
 
-    names = "; ".join(f"{key}={what}" for key, what, _ in needed)
-    hub = [what for key, what, _ in needed if key.endswith(".source")]
-    files = [what for key, what, _ in needed if key.endswith(".ckpt")]
+    names = "; ".join(f"{key}={shown}" for key, shown, _, _ in needed)
+    hub = [what for key, _, what, _ in needed if key.endswith(".source")]
+    files = [what for key, _, what, _ in needed if key.endswith(".ckpt")]
     how = []
     if hub:
         how.append(f"`huggingface-cli download {' '.join(hub)}` on a machine with network (gated models: accept "
@@ -171,8 +173,8 @@ def check_downloads(cfg: DictConfig) -> None:
                    "*.source to a local save_pretrained folder")
     if files:
         how.append(f"put {', '.join(files)} into {default_cache_dir()} (or pass a local copy as the *.ckpt)")
-    key, what, _ = needed[0]
-    raise UserError(f"{key}={what}: not on this machine and cannot be downloaded ({why}); the run needs "
+    key, shown, _, _ = needed[0]
+    raise UserError(f"{key}={shown}: not on this machine and cannot be downloaded ({why}); the run needs "
                     f"{len(needed)} model(s) that are not local: {names}; to make them local: {'; '.join(how)}")
 
 
