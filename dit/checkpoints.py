@@ -186,8 +186,8 @@ def build_dit(
             class_dropout_prob=class_dropout_prob,
             in_channels=in_channels,
         )
-    if path is not None:
-        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
+    if path is not None:  # named as given (a shipped file may have been found under the repository)
+        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(ckpt))
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -211,7 +211,7 @@ def _build_custom(name, arch, input_size, num_classes, learn_sigma, ckpt, class_
                 class_dropout_prob=class_dropout_prob, in_channels=in_channels, **arch)
     if ckpt is not None:
         path = resolve_checkpoint(ckpt, cache_dir)
-        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
+        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(ckpt))
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -151,7 +151,7 @@ def hydra_errors(main):
                 raise
             line = interrupted_line()
             sys.stderr.flush()
-            print(f"\nerror: {line}", file=sys.stderr, flush=True)
+            print(f"error: {line}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
         finally:
             hydra_utils.run_and_report = hydra_core.run_and_report = original

@@ -6,6 +6,7 @@ fraction and gate settings. Every point shares the base overrides, seeds and lab
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -125,13 +126,41 @@ def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None) 
         unknown = sorted(set(grid) - {"name", "fractions", "gates"})
         if unknown:
             raise UserError(f"grid {name!r}: unknown keys {unknown}; allowed: ['name', 'fractions', 'gates']")
-        fractions, gates = list(grid.get("fractions", [0.0])), list(grid.get("gates", [None]))
+        fractions, gates = _listed(grid, k, "fractions", [0.0]), _listed(grid, k, "gates", [None])
         if not fractions or not gates:
             raise UserError(f"grid {name!r}: fractions and gates must not be empty (use [null] for no T-GATE)")
-        for gate_spec in gates:
-            gate = make_gate(gate_spec, gate_defaults)
-            for fraction in fractions:
-                point = Point(fraction, gate)
+        for j, gate_spec in enumerate(gates):
+            try:
+                gate = make_gate(gate_spec, gate_defaults)
+            except UserError as err:  # `tgate gate_step=-4: ...` -> `grids[0].gates[0].gate_step=-4: ...`
+                raise _at_key(err, f"grids[{k}].gates[{j}]") from None
+            for i, fraction in enumerate(fractions):
+                try:
+                    point = Point(fraction, gate)
+                except UserError as err:
+                    raise _at_key(err, f"grids[{k}].fractions[{i}]", whole=True) from None
                 if point not in points:
                     points.append(point)
     return points
+
+
+_ARGUMENT = re.compile(r"^(?:[A-Za-z][\w-]* )?([A-Za-z_]\w*)=")
+
+
+def _listed(grid: Mapping, k: int, key: str, default: list) -> list:
+    """grids[k].<key> as a list (a string or a number is a mistake, not a list of its characters)."""
+    value = grid.get(key, default)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        what = "numbers in [0, 1]" if key == "fractions" else "null (no T-GATE) or T-GATE settings"
+        raise UserError(f"grids[{k}].{key}={value}: must be a list of {what}, e.g. {key}: [{default[0]}]")
+    return list(value)
+
+
+def _at_key(err: UserError, prefix: str, whole: bool = False) -> UserError:
+    """err's `name=value: ...` message as `<prefix>.name=value: ...` (whole: `<prefix>=value: ...`)."""
+    message = str(err)
+    match = _ARGUMENT.match(message)
+    if not match:
+        return UserError(f"{prefix}: {message}")
+    key = prefix if whole else f"{prefix}.{match.group(1)}"
+    return UserError(f"{key}={message[match.end():]}")
