@@ -69,7 +69,7 @@ def job_error(ex: Exception) -> ReportedError | None:
 
 def job_errors(task):
     """Decorator for a Hydra task function (under hydra.main): bad input ends as one `error:` line, and
-    a refused single run (exit status 2) leaves its folder as it was (runs.hydra_callbacks.refused)."""
+    a refused single run (exit status 2) leaves its folder as it was (runs.run_folder.refused)."""
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
@@ -83,16 +83,16 @@ def job_errors(task):
 
     @functools.wraps(task)
     def undoing(*args, **kwargs):
-        from runs import hydra_callbacks
+        from runs import run_folder
 
         try:
             return wrapper(*args, **kwargs)
         except ReportedError as err:
             if err.exit_code == 2:
-                hydra_callbacks.refused()
+                run_folder.refused()
             raise
         except MissingMandatoryValue:  # HYDRA_FULL_ERROR=1: the traceback, and still no trace
-            hydra_callbacks.refused()
+            run_folder.refused()
             raise
 
     return reports_errors(undoing)
@@ -118,9 +118,9 @@ def _resume_command(folder) -> str:
 
 def interrupted_line() -> str:
     """Ctrl-C: release the run folder (its samples stay) and say how to go on."""
-    from runs import hydra_callbacks
+    from runs import run_folder
 
-    folder = hydra_callbacks.interrupted()
+    folder = run_folder.interrupted()
     return f"interrupted (Ctrl-C); the samples written so far are kept, resume with: {_resume_command(folder)}"
 
 

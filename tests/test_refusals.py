@@ -1,7 +1,7 @@
 """A refused run leaves no trace (issue 28): each refusal is one `error:` line naming the key as typed,
 exit status 2, and the file system as it was (every file's hash and every folder compared before and
 after); a sweep with one bad value starts no job; Ctrl-C is one line, exit status 130, no `.lock`."""
-import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,35 +17,25 @@ ROOT = CONFIGS.parent
 FAST = ["+exp=digits_stitch_0.4", "num_samples=10", "batch_size=10", "sampler.steps=4", "progress=false"]
 
 
-def _tree(folder: Path) -> dict[str, str | None]:
-    """Every file (its sha256) and folder (None) under folder."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        rel = str(path.relative_to(folder))
-        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    return out
-
-
 def _env(tmp_path: Path, **extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
             "HF_HUB_CACHE": str(tmp_path / "hub_cache"), "TORCH_HOME": str(tmp_path / "torch_home"), **extra}
 
 
-def _run(script: str, args: list[str], cwd: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=_env(tmp_path, **env))
-
-
-def _refused(proc: subprocess.CompletedProcess, start: str) -> str:
-    """The one `error:` line (starting with `start`) of a refusal with exit status 2, no traceback."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(start), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
+def _refused(result: dict, start: str) -> str:
+    """The one `error:` line (starting with `start`) of a refusal with exit status 2, no traceback, and
+    no file or folder added, removed or changed."""
+    err = result["stderr"]
+    assert result["code"] == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(start), err[-3000:]
+    assert "Traceback" not in err and "Error executing job" not in err, err[-3000:]
+    assert result["changed"] == [], result["changed"]
     return errors[0]
 
 
-# the table's rows 1, 3-6 and 9: the command as a new user types it (default run folder under the cwd)
+# the table's rows 1, 3-6 and 9: the command as a new user types it (the default run folder, under a
+# working directory that is not the repository: shipped relative paths must still be found)
 CASES = {
     "row1_bad_setting": (FAST + ["accel.tstitch.ratio=1.5"], "error: accel.tstitch.ratio=1.5: "),
     "row3_missing_ckpt": (FAST + ["model.ckpt=missing/nope.pt"], "error: model.ckpt=missing/nope.pt: no such file"),
@@ -59,17 +49,57 @@ CASES = {
     "row9_other_checkpoint": (FAST + ["model.ckpt=checkpoints/digits/digits_s.pt"],
                               "error: model.ckpt=checkpoints/digits/digits_s.pt: does not match the model"),
 }
+BENCH = ["image_size=32", "repeats=1", "warmup=0", "device=cpu"]
+OTHER = {  # script, arguments, start of the line
+    "row7_bench_peers_model": ("bench_peers.py", ["models=[DiT-S/2,DiT-Q/9]", *BENCH],
+                               "error: models=[DiT-S/2, DiT-Q/9]: unknown DiT model DiT-Q/9; allowed: "),
+    "row7_bench_peers_steps": ("bench_peers.py", ["steps=0", *BENCH], "error: steps=0: must be an integer >= 1"),
+    "row7_bench_peers_ratio": ("bench_peers.py", ["ratio=2", *BENCH], "error: ratio=2: "),
+    "row8_sweep": ("sample.py", ["-m", *FAST, "accel.tstitch.ratio=0.4,1.5"], "error: accel.tstitch.ratio=1.5: "),
+    "row9_frontier_abc": ("frontier.py", ["grids=[{fractions: abc, gates: [null]}]"],
+                          "error: grids[0].fractions=abc: must be a list of numbers"),
+    "row9_frontier_fraction": ("frontier.py", ["grids=[{fractions: [1.5], gates: [null]}]"],
+                               "error: grids[0].fractions[0]=1.5: "),
+    "row9_frontier_gate": ("frontier.py", ["grids=[{fractions: [0.4], gates: [{gate_step: -4}]}]"],
+                           "error: grids[0].gates[0].gate_step=-4: "),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case run once, in one process (tests/script_runner.py): {case: result}."""
+    tmp = tmp_path_factory.mktemp("refusals")
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+    cases, names = [], []
+
+    def add(name, script, args):
+        names.append(name)
+        cases.append({"script": str(ROOT / "scripts" / script), "args": [a.replace("{tmp}", str(tmp)) for a in args],
+                      "cwd": str(cwd), "root": str(tmp)})
+
+    for name, (args, _) in CASES.items():
+        add(name, "sample.py", args)
+    for name, (script, args, _) in OTHER.items():
+        add(name, script, args)
+    # row 2 (and row 3's main job started outside the repository): a finished run into D, then refused reruns
+    folder = tmp / "D"
+    add("row2_done", "sample.py", FAST + [f"hydra.run.dir={folder}"])
+    add("row2_precision", "sample.py", FAST + ["precision=bf16", f"hydra.run.dir={folder}"])
+    add("row2_ratio", "sample.py", FAST + ["accel.tstitch.ratio=0.7", f"hydra.run.dir={folder}"])
+    add("row2_device", "sample.py", FAST + ["device=tpu", f"hydra.run.dir={folder}"])
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "script_runner.py")], input=json.dumps(cases),
+                          capture_output=True, text=True, timeout=900, env=_env(tmp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(out) == len(cases), proc.stderr[-3000:]
+    return {"tmp": tmp, **dict(zip(names, out, strict=True))}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_refused_run_is_one_line_and_leaves_no_trace(case, tmp_path):
-    cwd = tmp_path / "elsewhere"  # not the repository: relative shipped paths must still be found
-    cwd.mkdir()
-    args, start = CASES[case]
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    before = _tree(tmp_path)
-    line = _refused(_run("sample.py", args, cwd, tmp_path), start.replace("{tmp}", str(tmp_path)))
-    assert _tree(tmp_path) == before
+def test_a_refused_run_is_one_line_and_leaves_no_trace(case, results):
+    start = CASES[case][1].replace("{tmp}", str(results["tmp"]))
+    line = _refused(results[case], start)
     if case.startswith("row6"):  # every model the run needs, and how to make them local
         needed = (["stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"]
                   if case == "row6_hub" else ["DiT-XL-2-256x256.pt", "stabilityai/sd-vae-ft-mse"])
@@ -78,52 +108,24 @@ def test_a_refused_run_is_one_line_and_leaves_no_trace(case, tmp_path):
         assert len(line) < 700, line
 
 
-def test_a_refused_rerun_leaves_the_folder_and_its_record_as_they_were(tmp_path):
-    """Row 2 (and row 3's main job started outside the repository): a finished run into D, then refused
-    reruns into D leave every file of D as it was, `.hydra/` included."""
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    folder = tmp_path / "D"
-    done = _run("sample.py", FAST + [f"hydra.run.dir={folder}"], cwd, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.mark.parametrize("case", OTHER)
+def test_benchmarks_and_sweeps_check_everything_before_the_first_job(case, results):
+    """Rows 7-9: bench_peers and frontier settings, and every job of a sweep, refused before any work."""
+    _refused(results[case], OTHER[case][2])
+    if case == "row8_sweep":
+        assert "Launching" not in results[case]["stdout"] + results[case]["stderr"]
+
+
+def test_a_refused_rerun_leaves_the_folder_and_its_record_as_they_were(results):
+    """Row 2: refused reruns into a finished folder leave every file of it as it was, `.hydra/` included;
+    the first run, started outside the repository, found the shipped checkpoints (row 3)."""
+    done = results["row2_done"]
+    assert done["code"] == 0, done["stderr"][-3000:]
+    folder = results["tmp"] / "D"
     assert (folder / "done").is_file() and not (folder / ".lock").exists()
-    before = _tree(tmp_path)
-    _refused(_run("sample.py", FAST + ["precision=bf16", f"hydra.run.dir={folder}"], cwd, tmp_path),
-             f"error: {folder} holds samples of another config (precision: ")
-    assert _tree(tmp_path) == before
-    _refused(_run("sample.py", FAST + ["device=tpu", f"hydra.run.dir={folder}"], cwd, tmp_path), "error: device=tpu")
-    assert _tree(tmp_path) == before
-
-
-def test_a_sweep_with_one_bad_value_starts_no_job(tmp_path):
-    """Row 8: every job's config is checked before the first job starts."""
-    before = _tree(tmp_path)
-    proc = _run("sample.py", ["-m", *FAST, "accel.tstitch.ratio=0.4,1.5"], tmp_path, tmp_path)
-    _refused(proc, "error: accel.tstitch.ratio=1.5: ")
-    assert "Launching" not in proc.stdout + proc.stderr
-    assert _tree(tmp_path) == before
-
-
-def test_bench_peers_checks_every_model_and_setting_first(tmp_path):
-    """Row 7: a bad model name or setting is refused before the first measurement, naming the key typed."""
-    before = _tree(tmp_path)
-    args = ["image_size=32", "repeats=1", "warmup=0", "device=cpu"]
-    _refused(_run("bench_peers.py", ["models=[DiT-S/2,DiT-Q/9]", *args], tmp_path, tmp_path),
-             "error: models=[DiT-S/2, DiT-Q/9]: unknown DiT model DiT-Q/9; allowed: ")
-    _refused(_run("bench_peers.py", ["steps=0", *args], tmp_path, tmp_path), "error: steps=0: ")
-    assert _tree(tmp_path) == before
-
-
-@pytest.mark.parametrize("grids, start", [
-    ("[{fractions: abc, gates: [null]}]", "error: grids[0].fractions=abc: "),
-    ("[{fractions: [1.5], gates: [null]}]", "error: grids[0].fractions[0]=1.5: "),
-    ("[{fractions: [0.4], gates: [{gate_step: -4}]}]", "error: grids[0].gates[0].gate_step=-4: "),
-])
-def test_frontier_names_the_grid_key(grids, start, tmp_path):
-    """Row 9: frontier.py's grid errors name the key as typed."""
-    before = _tree(tmp_path)
-    _refused(_run("frontier.py", [f"grids={grids}"], tmp_path, tmp_path), start)
-    assert _tree(tmp_path) == before
+    _refused(results["row2_precision"], f"error: {folder} holds samples of another config (precision: ")
+    _refused(results["row2_ratio"], f"error: {folder} holds samples of another config (")
+    _refused(results["row2_device"], "error: device=tpu")
 
 
 def test_ctrl_c_is_one_line_exit_130_and_releases_the_folder(tmp_path):
