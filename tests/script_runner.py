@@ -50,6 +50,18 @@ def run(script: str, args: list[str], cwd: str) -> tuple[int, str, str]:
     return code, err.getvalue(), out.getvalue()
 
 
+def run_in_one_process(cases: list[dict], env: dict, timeout: float = 900) -> list[dict]:
+    """Run the cases in one fresh Python (this file as a script); their results in order."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__], input=json.dumps(cases), capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(out) == len(cases), proc.stderr[-3000:]
+    return out
+
+
 def main() -> None:
     for case in json.load(sys.stdin):
         root = Path(case["root"])

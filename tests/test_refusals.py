@@ -1,7 +1,6 @@
 """A refused run leaves no trace (issue 28): each refusal is one `error:` line naming the key as typed,
 exit status 2, and the file system as it was (every file's hash and every folder compared before and
 after); a sweep with one bad value starts no job; Ctrl-C is one line, exit status 130, no `.lock`."""
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS
+from script_runner import run_in_one_process
 
 ROOT = CONFIGS.parent
 FAST = ["+exp=digits_stitch_0.4", "num_samples=10", "batch_size=10", "sampler.steps=4", "progress=false"]
@@ -88,11 +88,7 @@ def results(tmp_path_factory):
     add("row2_precision", "sample.py", FAST + ["precision=bf16", f"hydra.run.dir={folder}"])
     add("row2_ratio", "sample.py", FAST + ["accel.tstitch.ratio=0.7", f"hydra.run.dir={folder}"])
     add("row2_device", "sample.py", FAST + ["device=tpu", f"hydra.run.dir={folder}"])
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "script_runner.py")], input=json.dumps(cases),
-                          capture_output=True, text=True, timeout=900, env=_env(tmp))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(out) == len(cases), proc.stderr[-3000:]
+    out = run_in_one_process(cases, _env(tmp))
     return {"tmp": tmp, **dict(zip(names, out, strict=True))}
 
 
