@@ -177,6 +177,9 @@ def test_missing_vae_offline_is_a_clear_error(compose_sample, tmp_path, monkeypa
     assert _files(tmp_path / "out") == []
 
 
+# slow (a script run); in the default run tests/test_refusals.py runs scripts/sample.py to completion (in
+# one Python with other cases) and interrupts a real one
+@pytest.mark.slow
 def test_script_runs_from_the_command_line(tiny_vae_dir, tmp_path):
     """The thin script itself, in a subprocess, as a user runs it (tiny model and VAE)."""
     arch = _tiny_arch()

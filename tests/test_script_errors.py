@@ -1,8 +1,6 @@
 """Every script's bad-input path: one `error: <key>=<value>: ...` line on stderr, exit status 2, no
 traceback (HYDRA_FULL_ERROR=1 brings the traceback back); bugs keep their traceback."""
 import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -39,14 +37,6 @@ CASES = {
     "demo": (["--port", "abc"], "error: --port=abc: must be of type int"),
 }
 HYDRA_SCRIPTS = {"sample", "train", "count_macs", "frontier", "bench", "bench_tgate", "bench_deep_cache", "bench_peers"}
-
-
-def _run(script, args, tmp_path, **env):
-    command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args]
-    if script in HYDRA_SCRIPTS:
-        command.append(f"hydra.run.dir={tmp_path / 'run'}")
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env})
 
 
 def test_every_script_has_a_case():
@@ -89,10 +79,18 @@ def test_bad_input_is_one_error_line_and_exit_status_2(case, results):
     assert result["changed"] == [], result["changed"]  # a refusal leaves no file behind
 
 
-@pytest.mark.parametrize("args", [["+exp=digits_stitch_0.4", "accel.tstitch.ratio=1.5"], ["sampler=plms"]])
-def test_hydra_full_error_shows_the_traceback(args, tmp_path):
-    proc = _run("sample", args, tmp_path, HYDRA_FULL_ERROR="1")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-3000:]
+FULL_ERROR_CASES = [["+exp=digits_stitch_0.4", "accel.tstitch.ratio=1.5"], ["sampler=plms"]]
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    """Both cases in one Python (tests/script_runner.py), with HYDRA_FULL_ERROR=1."""
+    cases = [{"script": str(ROOT / "scripts" / "sample.py"), "args": [*args, f"hydra.run.dir={tmp_path / 'run'}"],
+              "cwd": str(tmp_path), "root": str(tmp_path)} for args in FULL_ERROR_CASES]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+           "HYDRA_FULL_ERROR": "1"}
+    for result in run_in_one_process(cases, env):
+        assert result["code"] != 0 and "Traceback" in result["stderr"], result["stderr"][-3000:]
+        assert result["changed"] == [], result["changed"]  # the traceback, and still no trace
 
 
 def test_bugs_are_not_turned_into_error_lines():
