@@ -92,7 +92,7 @@ def check_settings(cfg, folder=None) -> None:
     each named as typed (`steps=0`, `models=[...]`). folder: the run folder (unused; the callback's form)."""
     from dit import DiT_models
     from dit.models import dit_config
-    from runs.preflight import check_device
+    from runs.devices import check_device
 
     models = list(cfg.models) if not isinstance(cfg.models, str) else None
     if not models:
