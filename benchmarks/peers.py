@@ -87,9 +87,10 @@ def _int_at_least(key: str, value, low: int) -> None:
         raise UserError.setting(key, value, f"must be an integer >= {low}")
 
 
-def check_settings(cfg, folder=None) -> None:
+def check_settings(cfg, folder=None, key=None) -> None:
     """Every setting of scripts/bench_peers.py (configs/bench_peers.yaml), before the first measurement,
-    each named as typed (`steps=0`, `models=[...]`). folder: the run folder (unused; the callback's form)."""
+    each named as typed (`steps=0`, `models=[...]`). folder, key: the run folder and its setting (unused:
+    the form of the run-folder callback's check)."""
     from dit import DiT_models
     from dit.models import dit_config
     from runs.devices import check_device

@@ -34,11 +34,12 @@ from runs.distributed import dist_from_env
 from runs.folder_lock import not_writable
 
 
-def _check(check: str | None, config: DictConfig, folder: Path | None) -> None:
+def _check(check: str | None, config: DictConfig, folder: Path | None, key: str = "hydra.run.dir") -> None:
+    """check(cfg, folder, key): the script's checks on the job's config (folder: its run folder, named by key)."""
     if check:
         from runs.preflight import job_config
 
-        get_method(check)(job_config(config), folder)
+        get_method(check)(job_config(config), folder, key)
 
 
 def _refuse(err: Exception, undo=None) -> None:
@@ -57,7 +58,7 @@ def _refuse(err: Exception, undo=None) -> None:
 
 
 class RunFolderCallback(Callback):
-    """check: dotted name of `check(cfg, folder)`, the script's checks before any work (None: none)."""
+    """check: dotted name of `check(cfg, folder, key)`, the script's checks before any work (None: none)."""
 
     def __init__(self, check: str | None = None) -> None:
         self.check = check
@@ -86,7 +87,8 @@ class RunFolderCallback(Callback):
                 for job, overrides in enumerate(sweep_jobs(config)):
                     job_cfg = _job_config(config, overrides, job)
                     folder = Path(OmegaConf.select(job_cfg, "hydra.sweep.dir")) / str(job_cfg.hydra.sweep.subdir)
-                    _check(self.check, job_cfg, folder if folder.is_dir() else None)
+                    _check(self.check, job_cfg, folder if folder.is_dir() else None,
+                           "hydra.sweep.dir/hydra.sweep.subdir")
             except Exception as err:
                 _refuse(err)
             finally:

@@ -157,7 +157,7 @@ def check_downloads(cfg: DictConfig) -> None:
                     f"{len(needed)} model(s) that are not local: {names}; to make them local: {'; '.join(how)}")
 
 
-def check_folder(cfg: DictConfig, folder: Path, device: torch.device) -> None:
+def check_folder(cfg: DictConfig, folder: Path, device: torch.device, key: str = "hydra.run.dir") -> None:
     """A folder holding samples of another config is refused (read-only; the caller holds its lock)."""
     from runs.resume import CONFIG_FILE, SampleFolder, samples_config
     from runs.speed import Speed
@@ -165,12 +165,19 @@ def check_folder(cfg: DictConfig, folder: Path, device: torch.device) -> None:
     if cfg.model.get("kind") == "pipeline" or not (Path(folder) / CONFIG_FILE).is_file():
         return
     speed = Speed.from_config(cfg, device)
-    SampleFolder(folder, cfg.num_samples, image_size=int(cfg.model.image_size)).check_config(
-        samples_config(cfg, precision=speed.precision))
+    try:
+        SampleFolder(folder, cfg.num_samples, image_size=int(cfg.model.image_size)).check_config(
+            samples_config(cfg, precision=speed.precision))
+    except UserError as err:  # `<folder> holds samples of ...` -> `hydra.run.dir=<folder>: holds samples of ...`
+        text = str(err)
+        if text.startswith(f"{folder} "):
+            raise UserError(f"{key}={folder}: {text[len(str(folder)) + 1:]}") from None
+        raise
 
 
-def check_sample_run(cfg: DictConfig, folder: str | Path | None = None) -> None:
-    """Every check of scripts/sample.py's run that needs no weights; folder: the run folder, if it is known."""
+def check_sample_run(cfg: DictConfig, folder: str | Path | None = None, key: str = "hydra.run.dir") -> None:
+    """Every check of scripts/sample.py's run that needs no weights; folder: the run folder, if it is known
+    (key: the setting that named it, for messages)."""
     from runs.run import build_hooks, check_config
 
     device = check_device(cfg.device)
@@ -189,7 +196,7 @@ def check_sample_run(cfg: DictConfig, folder: str | Path | None = None) -> None:
         check_evaluate_settings(cfg.evaluate)
     check_downloads(cfg)
     if folder is not None:
-        check_folder(cfg, Path(folder), device)
+        check_folder(cfg, Path(folder), device, key)
 
 
 def job_config(config: DictConfig) -> DictConfig:

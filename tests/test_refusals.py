@@ -119,8 +119,8 @@ def test_a_refused_rerun_leaves_the_folder_and_its_record_as_they_were(results):
     assert done["code"] == 0, done["stderr"][-3000:]
     folder = results["tmp"] / "D"
     assert (folder / "done").is_file() and not (folder / ".lock").exists()
-    _refused(results["row2_precision"], f"error: {folder} holds samples of another config (precision: ")
-    _refused(results["row2_ratio"], f"error: {folder} holds samples of another config (")
+    _refused(results["row2_precision"], f"error: hydra.run.dir={folder}: holds samples of another config (precision: ")
+    _refused(results["row2_ratio"], f"error: hydra.run.dir={folder}: holds samples of another config (")
     _refused(results["row2_device"], "error: device=tpu")
 
 
