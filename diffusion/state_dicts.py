@@ -11,15 +11,18 @@ from diffusion.checkpoint_files import CheckpointError
 _INDEX = re.compile(r"\.\d+(?=\.)")
 
 
-def _listing(items: list[str], limit: int = 2) -> str:
-    """The keys that differ, one per layer kind: repeated blocks fold into `blocks.*.` (the first
-    key of each kind stands for it), so that a checkpoint of another model size reads in one line."""
+def _listing(items: list[str], limit: int = 4) -> str:
+    """The keys that differ: all of them when there are few; else one per layer kind, repeated blocks
+    folded into `blocks.*.` (the first key of each kind stands for it), a bias left out where its weight
+    is listed, so that a checkpoint of another model size reads in one short line."""
+    if len(items) <= limit:
+        return ", ".join(items)
     kinds: dict[str, str] = {}
     for item in items:
         kinds.setdefault(_INDEX.sub(".*", item.split(":")[0]), _INDEX.sub(".*", item, count=1))
-    shown = list(kinds.values())
-    more = f", ... ({len(shown) - limit} more kinds)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
+    shown = [v for k, v in kinds.items() if not (k.endswith(".bias") and k[:-len("bias")] + "weight" in kinds)]
+    more = f", ... ({len(shown) - limit + 1} more kinds)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit - 1] if more else shown) + more
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
