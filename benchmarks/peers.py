@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from diffusion.compile import CompileStats, compile_denoiser
+from diffusion.compile import COMPILE_BACKENDS, CompileStats, compile_denoiser
 from diffusion.errors import UserError
 from diffusion.precision import tf32_matmuls
 from diffusion.random_weights import fill_zero_init_layers
@@ -81,6 +81,53 @@ def random_dit(name: str, latent: int, device: torch.device) -> torch.nn.Module:
 
 def random_sd_vae(arch: dict, device: torch.device) -> AutoencoderKL:
     return AutoencoderKL(**arch).to(device).eval()
+
+
+def _int_at_least(key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError.setting(key, value, f"must be an integer >= {low}")
+
+
+def check_settings(cfg, folder=None, key=None) -> None:
+    """Every setting of scripts/bench_peers.py (configs/bench_peers.yaml), before the first measurement,
+    each named as typed (`steps=0`, `models=[...]`). folder, key: the run folder and its setting (unused:
+    the form of the run-folder callback's check)."""
+    from dit import DiT_models
+    from dit.models import dit_config
+    from runs.devices import check_device
+
+    models = list(cfg.models) if not isinstance(cfg.models, str) else None
+    if not models:
+        raise UserError.setting("models", cfg.models, f"must be a non-empty list of DiT names: {', '.join(DiT_models)}")
+    shown = "[" + ", ".join(str(m) for m in models) + "]"
+    for name in [*models, cfg.small]:
+        if name not in DiT_models:
+            key, value = ("models", shown) if name in models else ("small", name)
+            raise UserError.setting(key, value, f"unknown DiT model {name}; allowed: {', '.join(DiT_models)}")
+    ratio = cfg.ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise UserError.setting("ratio", ratio, "the small model's share of the steps: a number in [0, 1]")
+    if cfg.stitch_precision not in ("fp32", "tf32", "bf16"):
+        raise UserError.setting("stitch_precision", cfg.stitch_precision, "allowed values are fp32, tf32, bf16")
+    _int_at_least("steps", cfg.steps, 1)
+    _int_at_least("batch_size", cfg.batch_size, 1)
+    _int_at_least("repeats", cfg.repeats, 1)
+    _int_at_least("warmup", cfg.warmup, 0)
+    _int_at_least("seed", cfg.seed, 0)
+    if cfg.threads is not None:
+        _int_at_least("threads", cfg.threads, 1)
+    _int_at_least("image_size", cfg.image_size, 8)
+    for name in {*models, cfg.small}:
+        patch = dit_config(name)["patch_size"]
+        if cfg.image_size % (8 * patch):
+            raise UserError.setting("image_size", cfg.image_size, f"must be a multiple of {8 * patch} (the VAE's 8 "
+                                                                  f"times {name}'s patch size {patch})")
+    scale = cfg.cfg_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 1:
+        raise UserError.setting("cfg_scale", scale, "must be a number >= 1 (the rows run guided)")
+    if cfg.compile_backend not in COMPILE_BACKENDS:
+        raise UserError.setting("compile_backend", cfg.compile_backend, f"allowed: {', '.join(COMPILE_BACKENDS)}")
+    check_device(cfg.device)
 
 
 def build_rows(name: str, small_name: str, *, image_size: int, steps: int, cfg_scale: float, batch_size: int,

@@ -28,6 +28,29 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 # the pickled magic number of torch's old format
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 AGAIN = "copy, download or write it again"
+# the folder that holds the packages: files shipped with the code (checkpoints/digits/*.pt) are found from
+# any working directory
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_file(name: str | Path) -> Path | None:
+    """A path as the user gave it: itself when it exists (relative paths from the working directory),
+    else, for a relative path, the same path under PACKAGE_ROOT if that exists; None when neither does."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if not path.is_absolute() and (PACKAGE_ROOT / path).exists():
+        return PACKAGE_ROOT / path
+    return None
+
+
+def looked_in(name: str | Path) -> str:
+    """Where local_file looked for name, for a `no such file` message."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return "no such file"
+    folders = dict.fromkeys([str(Path.cwd()), str(PACKAGE_ROOT)])
+    return f"no such file (looked for it in {' and '.join(folders)})"
 
 
 class CheckpointError(UserError, ValueError):

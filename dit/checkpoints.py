@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint_files import check_finite, read_torch_file
+from diffusion.checkpoint_files import check_finite, local_file, read_torch_file
 from diffusion.errors import UserError
 from diffusion.state_dicts import load_state_dict_checked
 from dit.convert import (
@@ -73,8 +73,8 @@ def _unavailable(name: str, folder: Path, reason: str) -> CheckpointNotFoundErro
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local file/folder -> itself; official release name -> cached (downloaded if needed) file."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
+    path = local_file(name_or_path)  # relative paths: the working directory, then the repository
+    if path is not None:
         return path
     name = str(name_or_path)
     if name not in OFFICIAL_CHECKPOINTS:
@@ -186,8 +186,8 @@ def build_dit(
             class_dropout_prob=class_dropout_prob,
             in_channels=in_channels,
         )
-    if path is not None:
-        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
+    if path is not None:  # named as given (a shipped file may have been found under the repository)
+        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(ckpt))
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -211,7 +211,7 @@ def _build_custom(name, arch, input_size, num_classes, learn_sigma, ckpt, class_
                 class_dropout_prob=class_dropout_prob, in_channels=in_channels, **arch)
     if ckpt is not None:
         path = resolve_checkpoint(ckpt, cache_dir)
-        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(path))
+        load_state_dict_checked(model, load_checkpoint_state_dict(path), source=str(ckpt))
     if device is not None:
         model = model.to(device)
     return model.eval()

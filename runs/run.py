@@ -30,6 +30,7 @@ from diffusion.solvers import NoiseSchedule, build_solver, check_solver_args
 from diffusion.vae import load_first_stage
 from runs.collect import RankResult, combine, first_steps, write_folder_outputs
 from runs.config_keys import config_keys_of
+from runs.devices import check_device
 from runs.distributed import Dist, batches_for_rank
 from runs.folder_lock import claim_folder
 from runs.generate import check_counts, generate
@@ -53,12 +54,9 @@ def call_target(node, **extra):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
-    return device
+    """device=auto|cpu|cuda[:N]|mps as a torch.device; anything else, or a device this machine lacks, is a
+    UserError naming `device` and the allowed values (runs.devices)."""
+    return check_device(name)
 
 
 def model_configs(cfg: DictConfig) -> list[DictConfig]:

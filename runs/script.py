@@ -68,7 +68,8 @@ def job_error(ex: Exception) -> ReportedError | None:
 
 
 def job_errors(task):
-    """Decorator for a Hydra task function (under hydra.main): bad input ends as one `error:` line."""
+    """Decorator for a Hydra task function (under hydra.main): bad input ends as one `error:` line, and
+    a refused single run (exit status 2) leaves its folder as it was (runs.run_folder.refused)."""
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
@@ -80,7 +81,47 @@ def job_errors(task):
                 raise
             raise err from None
 
-    return reports_errors(wrapper)
+    @functools.wraps(task)
+    def undoing(*args, **kwargs):
+        from runs import run_folder
+
+        try:
+            return wrapper(*args, **kwargs)
+        except ReportedError as err:
+            if err.exit_code == 2:
+                run_folder.refused()
+            raise
+        except MissingMandatoryValue:  # HYDRA_FULL_ERROR=1: the traceback, and still no trace
+            run_folder.refused()
+            raise
+
+    return reports_errors(undoing)
+
+
+def _resume_command(folder) -> str:
+    """The command line of this run again, into the same folder (a Ctrl-C'd run resumes from it)."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    key = "hydra.run.dir"
+    try:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            key, folder = "hydra.sweep.dir", HydraConfig.get().sweep.dir
+    except ValueError:
+        pass
+    args = [a for a in sys.argv[1:] if not a.lstrip("+").startswith(key + "=")]
+    command = ["python", sys.argv[0], *args] + ([f"{key}={folder}"] if folder is not None else [])
+    return shlex.join(command)
+
+
+def interrupted_line() -> str:
+    """Ctrl-C: release the run folder (its samples stay) and say how to go on."""
+    from runs import run_folder
+
+    folder = run_folder.interrupted()
+    return f"interrupted (Ctrl-C); the samples written so far are kept, resume with: {_resume_command(folder)}"
 
 
 def hydra_errors(main):
@@ -105,6 +146,13 @@ def hydra_errors(main):
         hydra_utils.run_and_report = hydra_core.run_and_report = run_and_report
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            if full_errors():
+                raise
+            line = interrupted_line()
+            sys.stderr.flush()
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         finally:
             hydra_utils.run_and_report = hydra_core.run_and_report = original
 

@@ -11,7 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.peers import build_rows, table, time_rows
+from benchmarks.peers import build_rows, check_settings, table, time_rows
 from diffusion.outputs import save_json
 from runs.run import resolve_device
 from runs.script import hydra_errors, job_errors
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 @hydra.main(config_path="../configs", config_name="bench_peers", version_base="1.3")
 @job_errors  # bad settings, a folder in use, a full disk: one `error: ...` line
 def main(cfg: DictConfig) -> None:
+    check_settings(cfg)  # every setting and model name before the first measurement (also the callback's check)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -45,10 +46,12 @@ def main(cfg: DictConfig) -> None:
         print(f"\n{report[-1]}", flush=True)
         results[model] = records
         del rows
-    (out / "bench_peers.md").write_text("\n".join(report))
-    save_json({"device": name, "torch": torch.__version__, "tables": results,
-               "config": OmegaConf.to_container(cfg, resolve=True)}, out / "bench_peers.json")
-    log.info("wrote %s and %s", out / "bench_peers.md", out / "bench_peers.json")
+        # written after each model: a late failure keeps the tables measured so far
+        (out / "bench_peers.md").write_text("\n".join(report))
+        save_json({"device": name, "torch": torch.__version__, "tables": results,
+                   "config": OmegaConf.to_container(cfg, resolve=True)}, out / "bench_peers.json")
+        log.info("wrote %s and %s (%d of %d models)", out / "bench_peers.md", out / "bench_peers.json",
+                 len(results), len(cfg.models))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def _sample(*overrides, cwd):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+# slow (a script run of a CompVis pair); in the default run test_deep_cache_with_tgate_through_the_run and the
+# in-process LDM tests cover loading, stitching and gating a CompVis pair
+@pytest.mark.slow
 def test_sample_py_runs_a_compvis_pair_stitched_and_gated(tiny_pair, tmp_path):
     (ckpt, config), (ckpt_s, config_s) = tiny_pair
     common = ["+exp=ldm_stitch_0.4", f"model.ckpt={ckpt}", f"model.compvis_config={config}",

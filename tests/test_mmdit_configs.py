@@ -217,6 +217,8 @@ def test_full_size_counts_are_the_readme_table(name):
     assert result["accelerated"]["macs_all"] / 1e12 == pytest.approx(accelerated, abs=5e-4)
 
 
+# slow (the script at full size on meta); the same counts are checked in-process above
+@pytest.mark.slow
 def test_count_macs_script_runs_the_stitched_experiment(tmp_path):
     # the script end to end, at full size on meta (~10 s): SD3.5 Large alone vs stitched with Medium
     cmd = [sys.executable, "scripts/count_macs.py", "+exp=sd35_stitch_0.4", f"hydra.run.dir={tmp_path}"]

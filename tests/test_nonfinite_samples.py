@@ -46,6 +46,9 @@ def test_a_non_finite_batch_stops_the_run_naming_samples_and_models(compose_samp
     assert (tmp_path / "other" / "done").is_file()
 
 
+# slow (a script run); the stop is checked in-process above and the one-line form of every error by
+# tests/test_script_errors.py
+@pytest.mark.slow
 def test_the_script_reports_it_in_one_line(tmp_path, overflowing_ckpt):
     cmd = [sys.executable, "scripts/sample.py", *DIGITS, f"model.ckpt={overflowing_ckpt}", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -156,7 +156,7 @@ def test_checkpoint_of_the_wrong_model_is_refused(compose_sample, tiny_vae_dir, 
     ckpt = tmp_path / "dit_s8.pt"
     torch.save(DiT_models["DiT-S/8"](input_size=8).state_dict(), ckpt)
     cfg = compose_sample(*TINY, f"vae.source={tiny_vae_dir}", "pretrained=true", f"model.ckpt={ckpt}")
-    with pytest.raises(ValueError, match=r"dit_s8.pt does not match the model") as err:
+    with pytest.raises(ValueError, match=r"dit_s8.pt: does not match the model") as err:
         run_from_config(cfg, tmp_path / "out")
     for key in ("x_embedder.proj.weight: checkpoint (384, 4, 8, 8) vs model (384, 4, 2, 2)",
                 "final_layer.linear.weight: checkpoint (512, 384) vs model (32, 384)"):
@@ -177,6 +177,9 @@ def test_missing_vae_offline_is_a_clear_error(compose_sample, tmp_path, monkeypa
     assert _files(tmp_path / "out") == []
 
 
+# slow (a script run); in the default run tests/test_refusals.py runs scripts/sample.py to completion (in
+# one Python with other cases) and interrupts a real one
+@pytest.mark.slow
 def test_script_runs_from_the_command_line(tiny_vae_dir, tmp_path):
     """The thin script itself, in a subprocess, as a user runs it (tiny model and VAE)."""
     arch = _tiny_arch()

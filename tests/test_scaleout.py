@@ -31,6 +31,9 @@ def _pixels(folder: Path, k: int) -> np.ndarray:
     return np.asarray(Image.open(folder / f"{k:06d}.png"))
 
 
+# slow (two torchrun ranks sampling); in the default run tests/test_folder_lock.py starts torchrun ranks, and
+# the resume tests here check that images do not depend on how the batches are split
+@pytest.mark.slow
 def test_two_torchrun_ranks_give_the_images_of_one_process(compose_sample, tmp_path):
     """Acceptance: `torchrun --nproc_per_node 2` (gloo on CPU) writes the same numbered PNGs as one
     process, into one folder (rank 0's; rank 1's own Hydra folder is removed)."""

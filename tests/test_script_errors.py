@@ -1,8 +1,6 @@
 """Every script's bad-input path: one `error: <key>=<value>: ...` line on stderr, exit status 2, no
 traceback (HYDRA_FULL_ERROR=1 brings the traceback back); bugs keep their traceback."""
 import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -12,6 +10,7 @@ from runs.config_keys import name_config_key
 from runs.script import composition_error, job_error
 
 from conftest import CONFIGS
+from script_runner import run_in_one_process
 
 ROOT = CONFIGS.parent
 
@@ -40,42 +39,58 @@ CASES = {
 HYDRA_SCRIPTS = {"sample", "train", "count_macs", "frontier", "bench", "bench_tgate", "bench_deep_cache", "bench_peers"}
 
 
-def _run(script, args, tmp_path, **env):
-    command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args]
-    if script in HYDRA_SCRIPTS:
-        command.append(f"hydra.run.dir={tmp_path / 'run'}")
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env})
-
-
 def test_every_script_has_a_case():
     scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
     assert scripts == {case.split("_group")[0].split("_override")[0].split("_unknown")[0].split("_folders")[0]
                        .split("_reference")[0] for case in CASES}
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case run once, all in one Python (tests/script_runner.py: imports paid once), each from its
+    own folder: {case: (result, folder)}."""
+    import numpy as np
+
+    scripts = sorted({p.stem for p in (ROOT / "scripts").glob("*.py")}, key=len, reverse=True)
+    cases, folders = [], []
+    for case, (args, _) in CASES.items():
+        folder = tmp_path_factory.mktemp(case)
+        if case == "evaluate_reference":  # a run folder with samples, so that the reference is what is wrong
+            np.savez(folder / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int64))
+        script = next(s for s in scripts if case == s or case.startswith(s + "_"))
+        args = [a.replace("{tmp}", str(folder)) for a in args]
+        if script in HYDRA_SCRIPTS:
+            args.append(f"hydra.run.dir={folder / 'run'}")
+        cases.append({"script": str(ROOT / "scripts" / f"{script}.py"), "args": args, "cwd": str(folder),
+                      "root": str(folder)})
+        folders.append(folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return dict(zip(CASES, zip(run_in_one_process(cases, env), folders, strict=True), strict=True))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_error_line_and_exit_status_2(case, tmp_path):
-    args, start = CASES[case]
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if case == "evaluate_reference":  # a run folder with samples, so that the reference is what is wrong
-        import numpy as np
-
-        np.savez(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int64))
-    script = next(s for s in sorted({p.stem for p in (ROOT / "scripts").glob("*.py")}, key=len, reverse=True)
-                  if case == s or case.startswith(s + "_"))
-    proc = _run(script, args, tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(start.replace("{tmp}", str(tmp_path))), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+def test_bad_input_is_one_error_line_and_exit_status_2(case, results):
+    (result, folder), start = results[case], CASES[case][1]
+    stderr = result["stderr"]
+    assert result["code"] == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(start.replace("{tmp}", str(folder))), stderr[-3000:]
+    assert "Traceback" not in stderr and "Error executing job" not in stderr
+    assert result["changed"] == [], result["changed"]  # a refusal leaves no file behind
 
 
-@pytest.mark.parametrize("args", [["+exp=digits_stitch_0.4", "accel.tstitch.ratio=1.5"], ["sampler=plms"]])
-def test_hydra_full_error_shows_the_traceback(args, tmp_path):
-    proc = _run("sample", args, tmp_path, HYDRA_FULL_ERROR="1")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-3000:]
+FULL_ERROR_CASES = [["+exp=digits_stitch_0.4", "accel.tstitch.ratio=1.5"], ["sampler=plms"]]
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    """Both cases in one Python (tests/script_runner.py), with HYDRA_FULL_ERROR=1."""
+    cases = [{"script": str(ROOT / "scripts" / "sample.py"), "args": [*args, f"hydra.run.dir={tmp_path / 'run'}"],
+              "cwd": str(tmp_path), "root": str(tmp_path)} for args in FULL_ERROR_CASES]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+           "HYDRA_FULL_ERROR": "1"}
+    for result in run_in_one_process(cases, env):
+        assert result["code"] != 0 and "Traceback" in result["stderr"], result["stderr"][-3000:]
+        assert result["changed"] == [], result["changed"]  # the traceback, and still no trace
 
 
 def test_bugs_are_not_turned_into_error_lines():

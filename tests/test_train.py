@@ -121,6 +121,9 @@ def test_bad_settings_are_refused(compose_train, tmp_path, override, message):
         train(compose_train(override), tmp_path)
 
 
+# slow (a script run); test_a_killed_training_run_resumes_to_the_same_weights_and_history runs
+# scripts/train.py from the command line in the default run
+@pytest.mark.slow
 def test_train_script_from_the_command_line(tmp_path):
     cmd = [sys.executable, "scripts/train.py", *TINY, "steps=2", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -180,6 +180,9 @@ def test_bad_ratio_from_config_fails_before_models_are_built(compose_sample, tmp
     assert not (tmp_path / "out").exists()
 
 
+# slow (a multirun of two script jobs); the default run covers sweeps with tests/test_launchers.py's multirun
+# and test_refusals.py's sweep check, the ratio itself with the in-process tests above
+@pytest.mark.slow
 def test_ratio_sweep_from_the_command_line(tmp_path):
     """`-m` over accel.tstitch.ratio, as the README's sweep of the paper's curve."""
     cmd = [sys.executable, "scripts/sample.py", "-m", "+exp=dit_stitch_0.4", *TINY,

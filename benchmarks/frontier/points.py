@@ -13,6 +13,7 @@ stay counts. A resolved `Gate` holds tgate's own integer step indices.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -183,13 +184,44 @@ def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None, 
         if grid.get("caches"):  # the slot of the caches issue (diffusers' FirstBlockCache, ...): not swept yet
             raise UserError(f"grid {name!r}: caches={grid['caches']!r}: no cache is in the sweep yet; allowed: "
                             "[] (the grid kind is reserved for the caches issue)")
+        fractions, gates = _listed(grid, k, "fractions", [0.0]), _listed(grid, k, "gates", [None])
+        if not fractions or not gates:
+            raise UserError(f"grid {name!r}: fractions and gates must not be empty (use [null] for no T-GATE)")
         for sampler_name in _list(grid, "samplers", [sampler], name):
             for n in _list(grid, "steps", [steps], name):
-                for gate_spec in _list(grid, "gates", [None], name):
-                    gate = make_gate(gate_spec, gate_defaults, n)
-                    for fraction in _list(grid, "fractions", [0.0], name):
-                        point = Point(fraction, gate, str(sampler_name), n,
-                                      base=(sampler_name, n) == (sampler, steps))
+                for j, gate_spec in enumerate(gates):
+                    try:
+                        gate = make_gate(gate_spec, gate_defaults, n)
+                    except UserError as err:  # `gate_step=-4: ...` -> `grids[0].gates[0].gate_step=-4: ...`
+                        raise _at_key(err, f"grids[{k}].gates[{j}]") from None
+                    for i, fraction in enumerate(fractions):
+                        try:
+                            point = Point(fraction, gate, str(sampler_name), n,
+                                          base=(sampler_name, n) == (sampler, steps))
+                        except UserError as err:
+                            raise _at_key(err, f"grids[{k}].fractions[{i}]", whole=True) from None
                         if point not in points:
                             points.append(point)
     return points
+
+
+_ARGUMENT = re.compile(r"^(?:[A-Za-z][\w-]* )?([A-Za-z_]\w*)=")
+
+
+def _listed(grid: Mapping, k: int, key: str, default: list) -> list:
+    """grids[k].<key> as a list (a string or a number is a mistake, not a list of its characters)."""
+    value = grid.get(key, default)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        what = "numbers in [0, 1]" if key == "fractions" else "null (no T-GATE) or T-GATE settings"
+        raise UserError(f"grids[{k}].{key}={value}: must be a list of {what}, e.g. {key}: [{default[0]}]")
+    return list(value)
+
+
+def _at_key(err: UserError, prefix: str, whole: bool = False) -> UserError:
+    """err's `name=value: ...` message as `<prefix>.name=value: ...` (whole: `<prefix>=value: ...`)."""
+    message = str(err)
+    match = _ARGUMENT.match(message)
+    if not match:
+        return UserError(f"{prefix}: {message}")
+    key = prefix if whole else f"{prefix}.{match.group(1)}"
+    return UserError(f"{key}={message[match.end():]}")
