@@ -7,7 +7,7 @@ before the first job starts; it raises UserError naming the key as the user type
 * device (`device=tpu`), seed (the range that numpy's and torch's streams take), the config checks of
   runs.run / runs.pipeline_run, the accel hooks' own checks (built from their settings), evaluation's
   settings;
-* every file a setting names (`model.ckpt`, `accel.models.small.ckpt`, ...): a relative path is
+* every file a setting names (`model.ckpt`, `family.stitch.small.ckpt`, ...): a relative path is
   looked for in the working directory, then in the repository (shipped files such as
   checkpoints/digits/*.pt); a folder where a file is wanted;
 * every model the run downloads (hub ids in `*.source`, DiT's official release files): when one is
@@ -46,9 +46,11 @@ def check_seed(seed, num_samples) -> None:
 
 
 def _nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """The config nodes that name weights: the models (accel.models.*, model) and the VAE."""
-    nodes = [(f"accel.models.{k}", v) for k, v in (cfg.accel.get("models") or {}).items()]
-    nodes.append(("model", cfg.model))
+    """The config nodes that name weights, each with its key as the user sets it: the models (the T-Stitch
+    partner as family.stitch.small, accel.models.* set by hand, model) and the VAE."""
+    from runs.run import model_configs, model_keys
+
+    nodes = list(zip(model_keys(cfg), model_configs(cfg), strict=True))
     if isinstance(cfg.get("vae"), DictConfig):
         nodes.append(("vae", cfg.vae))
     return nodes

@@ -44,7 +44,7 @@ CASES = {
     "row4_negative_seed_labels": (FAST + ["seed=-1"], "error: seed=-1: must be an integer in [0, "),
     "row4_huge_seed": (FAST + ["seed=99999999999999999999"], "error: seed=99999999999999999999: "),
     "row5_device": (FAST + ["device=tpu"], "error: device=tpu: not a device; allowed: auto, cpu, cuda"),
-    "row6_hub": (["+exp=sd35_stitch_0.4"], "error: accel.models.small.source=stabilityai/stable-diffusion-3.5"),
+    "row6_hub": (["+exp=sd35_stitch_0.4"], "error: family.stitch.small.source=stabilityai/stable-diffusion-3.5"),
     "row6_no_arguments": ([], "error: model.ckpt=null (the release file DiT-XL-2-256x256.pt): not on this machine"),
     "row9_other_checkpoint": (FAST + ["model.ckpt=checkpoints/digits/digits_s.pt"],
                               "error: model.ckpt=checkpoints/digits/digits_s.pt: does not match the model"),
