@@ -88,7 +88,7 @@ def test_points_of_a_grid():
 @pytest.mark.parametrize("grids, message", [
     ([{"fractions": [1.5]}], "grids[0].fractions[0]=1.5"),
     ([{"gates": [{"gate_step": 0}]}], "gate_step=0"),
-    ([{"gates": [{"gate_step": 40}]}], "gate_step=40: in a sweep's grid it is a fraction of the steps"),
+    ([{"gates": [{"gate_step": 40}]}], "gate_step=40: in a sweep's grid T-GATE's gate_step is a fraction of the steps"),
     ([{"gates": [{"gate_step": 0.5, "branch": "both"}]}], "branch='both'"),
     ([{"gates": [{"gate_step": 0.5, "gate": 2}]}], "unknown keys ['gate']"),
     ([{"gates": [{"sp_interval": 2}]}], "needs gate_step"),

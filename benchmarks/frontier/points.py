@@ -129,7 +129,7 @@ class Point:
 def step_index(fraction, steps: int, name: str) -> int:
     """A fraction of the steps as a step index (rounded half up): 0.8 of 50 -> 40, of 25 -> 20."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise UserError(f"T-GATE setting {name}={fraction!r}: in a sweep's grid it is a fraction of the steps, "
+        raise UserError(f"{name}={fraction!r}: in a sweep's grid T-GATE's {name} is a fraction of the steps, "
                         "a number in [0, 1] (0.8 = step 40 of 50)")
     return int(math.floor(fraction * steps + 0.5))
 
