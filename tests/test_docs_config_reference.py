@@ -44,3 +44,12 @@ def test_comments_survive_including_continuation_lines():
 def test_parse_keeps_hash_inside_quotes_and_nests_keys():
     _, rows = _hooks().parse('a:\n  b: "x # y"  # the comment\n  c:\n    d: 1\n')
     assert rows == [["a", "", ""], ["a.b", '"x # y"', "the comment"], ["a.c", "", ""], ["a.c.d", "1", ""]]
+
+
+def test_nav_lists_every_page_and_the_generated_reference():
+    """mkdocs --strict fails on a nav entry with no page; this catches the reverse, a page left out of the nav."""
+    nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[1]
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert len(pages) > 15
+    missing = [name for name in [*pages, _hooks().PAGE] if name not in nav]
+    assert not missing, missing
