@@ -34,12 +34,25 @@ def agreement_stats(correct: Sequence[bool], baseline_correct: Sequence[bool]) -
     }
 
 
+def within_frechet(row: dict, baseline: dict, frechet_tolerance: float | None) -> bool:
+    """Whether the row's pixel Fréchet distance is at most (1 + frechet_tolerance) x the large model alone's on
+    the same seeds (a relative bound: the distance's small-N bias scales both). None: no bound; a set without
+    Fréchet distances (pipelines) is not bounded either."""
+    if frechet_tolerance is None or baseline.get("frechet") is None:
+        return True
+    value = row.get("frechet")
+    return value is not None and not math.isnan(value) \
+        and value <= baseline["frechet"] * (1.0 + frechet_tolerance) + 1e-12
+
+
 def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds",
-                 techniques: Sequence[str] | None = None) -> dict | None:
-    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge,
-    among the points of `techniques` (None: of every kind, the large model alone included)."""
+                 techniques: Sequence[str] | None = None, frechet_tolerance: float | None = None) -> dict | None:
+    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge
+    and with a Fréchet distance within `frechet_tolerance` (relative) of its, among the points of `techniques`
+    (None: of every kind, the large model alone included)."""
     baseline = rows[0]
     ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)
+          and within_frechet(r, baseline, frechet_tolerance)
           and (techniques is None or r["technique"] in techniques)]
     return min(ok, key=lambda r: (r[cost], -r.get("accuracy", r.get("ssim", 0.0)))) if ok else None
 
