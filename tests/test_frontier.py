@@ -134,6 +134,26 @@ def test_pareto_front_and_pick():
     assert pick_fastest(rows, ["svc"], 0.0, "macs")["key"] == "L"
 
 
+def test_a_point_beyond_the_frechet_tolerance_is_never_picked():
+    # the cheaper point agrees as well as the large model by both classifiers (the old rule picks it) but its
+    # Fréchet distance is 40% above the large model's; the dearer one is 5% above
+    rows = [{"key": "L", "technique": "baseline", "macs": 10, "accuracy": 0.98, "logreg_accuracy": 0.97,
+             "frechet": 30.0},
+            {"key": "few", "technique": "tstitch", "macs": 2, "accuracy": 0.98, "logreg_accuracy": 0.97,
+             "frechet": 42.0},
+            {"key": "ok", "technique": "tstitch", "macs": 6, "accuracy": 0.975, "logreg_accuracy": 0.965,
+             "frechet": 31.5}]
+    judges = ["svc", "logreg"]
+    assert pick_fastest(rows, judges, 0.01, "macs")["key"] == "few"               # classifiers alone
+    assert pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=0.10)["key"] == "ok"
+    assert pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=0.40)["key"] == "few"  # at the bound: in
+    assert pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=0.04)["key"] == "L"
+    assert pick_fastest(rows, judges, 0.01, "macs", ["tstitch"], frechet_tolerance=0.04) is None
+    for tolerance in (0.0, 0.05, 0.10, 0.2, 0.39):
+        picked = pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=tolerance)
+        assert picked is None or picked["frechet"] <= 30.0 * (1 + tolerance)
+
+
 def test_timing_is_round_robin(monkeypatch, frontier_cfg):
     """Repeat 1 of every point, then repeat 2, ...; warm-up rounds are not recorded."""
     _, compose_sample = frontier_cfg
@@ -308,6 +328,7 @@ def test_bad_settings_fail_before_any_sampling(frontier_cfg, tmp_path):
             (["~accel.tgate"], [], "missing"),
             (["timing.repeats=-1"], [], "timing.repeats=-1"),
             (["pick.judges=[psnr]"], [], "pick.judges"),
+            (["pick.frechet_tolerance=-0.1"], [], "pick.frechet_tolerance"),
             (["pick.techniques=[cache]"], [], "pick.techniques"),
             (["quality=fid"], [], "quality='fid'"),
             (["report_grids=[{samplers: [heun]}]"], [], "heun"),
