@@ -154,6 +154,26 @@ def test_a_point_beyond_the_frechet_tolerance_is_never_picked():
         assert picked is None or picked["frechet"] <= 30.0 * (1 + tolerance)
 
 
+def test_the_summary_compares_the_pick_with_the_large_model_at_its_own_steps():
+    from benchmarks.frontier.report import summary
+
+    def row(key, technique, sampler, steps, seconds, macs, svc, frechet):
+        n = len(svc)
+        return {"key": key, "label": key, "technique": technique, "sampler": sampler, "steps": steps, "n": n,
+                "seconds": seconds, "macs": macs, "accuracy": float(np.mean(svc)), "logreg_accuracy": 1.0,
+                "delta": 0.0, "delta_se": 0.0, "logreg_delta": 0.0, "logreg_delta_se": 0.0, "knn_delta": 0.0,
+                "knn_delta_se": 0.0, "frechet": frechet, "psnr": 30.0, "ssim": 0.99, "correct_svc": svc,
+                "correct_logreg": [True] * n, "correct_knn": [True] * n}
+
+    large = row("L50", "baseline", "ddim", 50, 10.0, 100, [True] * 4, 20.0)
+    same = row("L10", "steps", "dpmpp_2m", 10, 2.0, 20, [True] * 4, 25.0)
+    pick = row("S10", "tstitch", "dpmpp_2m", 10, 1.0, 8, [True, True, True, False], 21.0)
+    text = summary([large, same, pick], pick, "rule")
+    assert "pick against L10 (L10), paired: 2.00x faster in time, 2.50x fewer MACs, SVC -25.00 (25.00) pt" in text
+    assert "Fréchet 21.0 vs 25.0" in text
+    assert "pick against" not in summary([large, pick], pick, "rule")  # no large model at the pick's steps
+
+
 def test_timing_is_round_robin(monkeypatch, frontier_cfg):
     """Repeat 1 of every point, then repeat 2, ...; warm-up rounds are not recorded."""
     _, compose_sample = frontier_cfg
