@@ -92,7 +92,7 @@ def png_problem(path: Path, size: tuple[int, int] | None) -> str | None:
 
 # Keys samples_config.json gained after folders were written, with the value every earlier run had, so
 # that such a folder still resumes: every run sampled in float32 before `precision` existed.
-KEYS_ADDED_LATER = {"precision": "fp32"}
+KEYS_ADDED_LATER = {"precision": "fp32", "compile_mode": "default"}  # compile_mode acts only with compile
 
 
 def comparable(config: dict) -> dict:

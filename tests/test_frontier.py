@@ -134,6 +134,46 @@ def test_pareto_front_and_pick():
     assert pick_fastest(rows, ["svc"], 0.0, "macs")["key"] == "L"
 
 
+def test_a_point_beyond_the_frechet_tolerance_is_never_picked():
+    # the cheaper point agrees as well as the large model by both classifiers (the old rule picks it) but its
+    # Fréchet distance is 40% above the large model's; the dearer one is 5% above
+    rows = [{"key": "L", "technique": "baseline", "macs": 10, "accuracy": 0.98, "logreg_accuracy": 0.97,
+             "frechet": 30.0},
+            {"key": "few", "technique": "tstitch", "macs": 2, "accuracy": 0.98, "logreg_accuracy": 0.97,
+             "frechet": 42.0},
+            {"key": "ok", "technique": "tstitch", "macs": 6, "accuracy": 0.975, "logreg_accuracy": 0.965,
+             "frechet": 31.5}]
+    judges = ["svc", "logreg"]
+    assert pick_fastest(rows, judges, 0.01, "macs")["key"] == "few"               # classifiers alone
+    assert pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=0.10)["key"] == "ok"
+    assert pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=0.40)["key"] == "few"  # at the bound: in
+    assert pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=0.04)["key"] == "L"
+    assert pick_fastest(rows, judges, 0.01, "macs", ["tstitch"], frechet_tolerance=0.04) is None
+    for tolerance in (0.0, 0.05, 0.10, 0.2, 0.39):
+        picked = pick_fastest(rows, judges, 0.01, "macs", frechet_tolerance=tolerance)
+        assert picked is None or picked["frechet"] <= 30.0 * (1 + tolerance)
+
+
+def test_the_summary_compares_the_pick_with_the_large_model_at_its_own_steps():
+    from benchmarks.frontier.report import summary
+
+    def row(key, technique, sampler, steps, seconds, macs, svc, frechet):
+        n = len(svc)
+        return {"key": key, "label": key, "technique": technique, "sampler": sampler, "steps": steps, "n": n,
+                "seconds": seconds, "macs": macs, "accuracy": float(np.mean(svc)), "logreg_accuracy": 1.0,
+                "delta": 0.0, "delta_se": 0.0, "logreg_delta": 0.0, "logreg_delta_se": 0.0, "knn_delta": 0.0,
+                "knn_delta_se": 0.0, "frechet": frechet, "psnr": 30.0, "ssim": 0.99, "correct_svc": svc,
+                "correct_logreg": [True] * n, "correct_knn": [True] * n}
+
+    large = row("L50", "baseline", "ddim", 50, 10.0, 100, [True] * 4, 20.0)
+    same = row("L10", "steps", "dpmpp_2m", 10, 2.0, 20, [True] * 4, 25.0)
+    pick = row("S10", "tstitch", "dpmpp_2m", 10, 1.0, 8, [True, True, True, False], 21.0)
+    text = summary([large, same, pick], pick, "rule")
+    assert "pick against L10 (L10), paired: 2.00x faster in time, 2.50x fewer MACs, SVC -25.00 (25.00) pt" in text
+    assert "Fréchet 21.0 vs 25.0" in text
+    assert "pick against" not in summary([large, pick], pick, "rule")  # no large model at the pick's steps
+
+
 def test_timing_is_round_robin(monkeypatch, frontier_cfg):
     """Repeat 1 of every point, then repeat 2, ...; warm-up rounds are not recorded."""
     _, compose_sample = frontier_cfg
@@ -308,6 +348,7 @@ def test_bad_settings_fail_before_any_sampling(frontier_cfg, tmp_path):
             (["~accel.tgate"], [], "missing"),
             (["timing.repeats=-1"], [], "timing.repeats=-1"),
             (["pick.judges=[psnr]"], [], "pick.judges"),
+            (["pick.frechet_tolerance=-0.1"], [], "pick.frechet_tolerance"),
             (["pick.techniques=[cache]"], [], "pick.techniques"),
             (["quality=fid"], [], "quality='fid'"),
             (["report_grids=[{samplers: [heun]}]"], [], "heun"),
@@ -340,12 +381,13 @@ def test_the_script_runs_a_tiny_sweep(tmp_path):
 def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_sample):
     fast = compose_sample("+exp=digits_fast")
     base = compose_sample("+exp=digits_fast", "accel=none")
-    assert label(fast.accel) == "tstitch+tgate" and set(fast.accel.hooks) == {"tstitch", "tgate"}
+    # the protocol's pick (configs/frontier/digits_strict.yaml): S 0.6 -> L, DPM-Solver++ 2M, 10 steps, cfg 1.5
+    assert label(fast.accel) == "tstitch" and set(fast.accel.hooks) == {"tstitch"}
     assert fast.accel.models.small.name == "DiT-digits-S" and fast.model.name == "DiT-digits-L"
     assert fast.accel.models.small.ckpt == "checkpoints/digits/digits_s.pt"
     hooks = OmegaConf.to_container(fast.accel.hooks, resolve=True)
-    assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio > 0
-    assert hooks["tgate"]["gate_step"] == fast.accel.tgate.gate_step < fast.sampler.steps
+    assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio == 0.6
+    assert (fast.sampler.name, fast.sampler.steps, fast.sampler.cfg_scale) == ("dpmpp_2m", 10, 1.5)
     assert label(base.accel) == "none" and not stitched_models(base.accel) and not base.accel.hooks
     for key in ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "num_threads"):
         assert OmegaConf.select(base, key) == OmegaConf.select(fast, key), key

@@ -13,7 +13,7 @@ import numpy as np
 
 from diffusion.errors import UserError
 
-from .judges import within
+from .judges import JUDGES, PAIRED, paired_stats, within
 from .pareto import pareto_front
 from .points import TECHNIQUE_NAMES
 
@@ -34,12 +34,25 @@ def agreement_stats(correct: Sequence[bool], baseline_correct: Sequence[bool]) -
     }
 
 
+def within_frechet(row: dict, baseline: dict, frechet_tolerance: float | None) -> bool:
+    """Whether the row's pixel Fréchet distance is at most (1 + frechet_tolerance) x the large model alone's on
+    the same seeds (a relative bound: the distance's small-N bias scales both). None: no bound; a set without
+    Fréchet distances (pipelines) is not bounded either."""
+    if frechet_tolerance is None or baseline.get("frechet") is None:
+        return True
+    value = row.get("frechet")
+    return value is not None and not math.isnan(value) \
+        and value <= baseline["frechet"] * (1.0 + frechet_tolerance) + 1e-12
+
+
 def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds",
-                 techniques: Sequence[str] | None = None) -> dict | None:
-    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge,
-    among the points of `techniques` (None: of every kind, the large model alone included)."""
+                 techniques: Sequence[str] | None = None, frechet_tolerance: float | None = None) -> dict | None:
+    """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge
+    and with a Fréchet distance within `frechet_tolerance` (relative) of its, among the points of `techniques`
+    (None: of every kind, the large model alone included)."""
     baseline = rows[0]
     ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)
+          and within_frechet(r, baseline, frechet_tolerance)
           and (techniques is None or r["technique"] in techniques)]
     return min(ok, key=lambda r: (r[cost], -r.get("accuracy", r.get("ssim", 0.0)))) if ok else None
 
@@ -114,6 +127,20 @@ def _versus(row: dict, baseline: dict, quality: str) -> str:
     return text + f", PSNR {_psnr(row)} dB, SSIM {row['ssim']:.3f} to the large model's sample"
 
 
+def _paired(row: dict, other: dict, quality: str) -> str:
+    """Speed and paired differences (points, SE) of row against another row than the large model alone."""
+    text = (f"{other['seconds'] / row['seconds']:.2f}x faster in time, " if row.get("seconds") and other.get("seconds")
+            else "") + (f"{other['macs'] / row['macs']:.2f}x fewer MACs" if row.get("macs") and other.get("macs")
+                        else "")
+    if quality == "digits":
+        for judge in PAIRED:
+            per = JUDGES[judge][2]
+            delta, se = paired_stats(row[per], other[per])
+            text += f", {JUDGES[judge][3].replace(' agreement', '')} {100 * delta:+.2f} ({100 * se:.2f}) pt"
+        text += f", Fréchet {row['frechet']:.1f} vs {other['frechet']:.1f}"
+    return text
+
+
 def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str = "base",
             quality: str = "digits", fastest_any: dict | None = None) -> str:
     """A few lines on the report set: the baseline, the pick and how it compares, and the base config's own
@@ -129,6 +156,10 @@ def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str =
     else:
         text.append(f"pick ({rule}): {pick['label']} ({pick['key']}), on the report set: "
                     + _versus(pick, baseline, quality))
+        same = next((r for r in rows if r["technique"] in ("baseline", "steps") and r["sampler"] == pick["sampler"]
+                     and r["steps"] == pick["steps"] and r is not baseline), None)
+        if same is not None:  # the large model alone at the pick's own sampler and steps
+            text.append(f"pick against {same['label']} ({same['key']}), paired: " + _paired(pick, same, quality))
     if fastest_any is not None and fastest_any is not pick:
         text.append(f"the fastest point of ANY kind within the same tolerance (selection set): {fastest_any['label']} "
                     f"({fastest_any['key']}), on the report set: " + _versus(fastest_any, baseline, quality))

@@ -247,6 +247,12 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise UserError(f"pick.tolerance={tolerance!r}: must be a number in [0, 1) (agreement is a share)")
     tolerance = float(tolerance)
+    frechet_tolerance = cfg.pick.get("frechet_tolerance")
+    if frechet_tolerance is not None and (isinstance(frechet_tolerance, bool)
+                                          or not isinstance(frechet_tolerance, (int, float)) or frechet_tolerance < 0):
+        raise UserError(f"pick.frechet_tolerance={frechet_tolerance!r}: must be null or a number >= 0 (0.1: the "
+                        "Fréchet distance at most 10% above the large model alone's)")
+    frechet_tolerance = None if frechet_tolerance is None else float(frechet_tolerance)
     quality = cfg.quality
     if quality not in QUALITIES:
         raise UserError(f"quality={quality!r}: allowed: {list(QUALITIES)}")
@@ -276,9 +282,10 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     cost = ("seconds" if repeats and "selection" in timed_sets else "macs" if all(r["macs"] for r in selection)
             else "quality_run_seconds")
     techniques = _plain(cfg.pick.get("techniques"))
-    pick_row = pick_fastest(selection, judges, tolerance, cost, techniques)
+    pick_row = pick_fastest(selection, judges, tolerance, cost, techniques, frechet_tolerance)
     pick = next((p for p in points if p.key == pick_row["key"]), None) if pick_row else None
-    any_row = pick_fastest(selection, judges, tolerance, cost)  # of every kind: fewer steps alone may beat the pick
+    # of every kind: fewer steps alone may beat the pick
+    any_row = pick_fastest(selection, judges, tolerance, cost, None, frechet_tolerance)
     fastest = next((p for p in points if p.key == any_row["key"]), None) if any_row else None
 
     # 2. report on the report set
@@ -297,7 +304,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     base_name = " ".join(cfg.base)
     kinds = f" among {techniques}" if techniques else ""
     rule = (f"the fastest point{kinds} (by {cost}) of the selection set within {tolerance:g} of the large model "
-            f"alone by each of {judges}")
+            f"alone by each of {judges}"
+            + (f", with a Fréchet distance at most {100 * frechet_tolerance:g}% above its" if frechet_tolerance
+               is not None and quality == "digits" else ""))
     text = summary(report, reported_pick, rule, base_name, quality, reported_any)
     table = markdown_table(report, reported_pick, base_name, quality)
     selection_table = markdown_table(selection, pick_row, base_name, quality)
