@@ -96,7 +96,8 @@ def test_points_of_a_grid():
     ([{"fraction": [0.5]}], "unknown keys ['fraction']"),
     ([{"samplers": ["heun"]}], "'heun' is not a sampler of the sweep"),
     ([{"steps": [0]}], "steps: 0 must be an integer"),
-    ([{"caches": ["first_block_cache"]}], "no cache is in the sweep yet"),
+    ([{"caches": ["first_block"]}], "grids[0].caches[0]='first_block': not a cache; allowed: ['first_block_cache'"),
+    ([{"caches": "taylorseer"}], "grids[0].caches='taylorseer': must be a list"),
     ({"a": {"fractions": [0.5]}}, "must be a list"),
 ])
 def test_bad_grids_are_refused(grids, message):
@@ -219,6 +220,37 @@ def test_timed_run_samples_what_the_run_samples(frontier_cfg, tmp_path, run_late
     # the same latents (to float rounding: batches of 2 against the run's batch of 4)
     assert torch.allclose(torch.cat(recorded[:2]), run_latents(tmp_path / "run"), atol=1e-5)
     assert not torch.allclose(torch.cat(recorded[2:]), run_latents(tmp_path / "run"), atol=1e-4)
+
+
+def test_cache_points_of_a_grid():
+    points = grid_points([{"steps": [6], "fractions": [0.4], "caches": ["taylorseer", "mag_cache"]}])
+    assert [p.key for p in points] == ["ddim50-r0.00", "ddim6-r0.40", "ddim6-r0.00-taylorseer",
+                                       "ddim6-r0.40-taylorseer", "ddim6-r0.00-mag_cache", "ddim6-r0.40-mag_cache"]
+    alone, stitched = points[2], points[3]
+    assert alone.technique == stitched.technique == "caches"
+    assert alone.label == "taylorseer, DDIM 6" and stitched.label == "S 0.4 + taylorseer, DDIM 6"
+    names = {"baseline": "none", "tstitch": "tstitch", "tgate": "tgate", "combined": "[tstitch,tgate]"}
+    assert "accel=taylorseer" in alone.overrides(names)
+    assert {"accel=[tstitch,taylorseer]", "accel.tstitch.ratio=0.4"} <= set(stitched.overrides(names))
+    assert "accel.mag_cache.calibration=digits" in points[4].overrides(names, {"mag_cache": {"calibration": "digits"}})
+
+
+def test_a_cache_on_the_tiny_sweep_spends_fewer_macs(frontier_cfg, tmp_path):
+    compose_frontier, compose_sample = frontier_cfg
+    cfg = compose_frontier(*TINY, "timing.repeats=0", "seeds.selection.num_samples=4", "seeds.report.num_samples=4",
+                           "batch_size=4", "grids=[{caches: [taylorseer]}]", "pick.techniques=[caches]",
+                           "+cache_settings.taylorseer={disable_cache_before_step: 2}")  # its default: 5 of 6
+    result = run_frontier(cfg, compose_sample, tmp_path / "sweep", progress=False)
+    sel = {r["key"]: r for r in result["selection_rows"]}
+    assert list(sel) == ["ddim6-r0.00", "ddim6-r0.00-taylorseer"]
+    plain, cached = sel.values()
+    assert cached["technique"] == "caches" and cached["cache"] == "taylorseer"
+    metrics = json.loads((tmp_path / "sweep/selection/points/ddim6-r0.00-taylorseer/metrics.json").read_text())
+    assert "taylorseer" in json.dumps(metrics)
+    # the MACs really spent (a cache skips blocks); the plain point spends the counted MACs of every step
+    assert cached["macs"] == metrics["macs_per_image_spent"] < metrics["macs_per_image"] == plain["macs"]
+    images = [np.load(tmp_path / "sweep/selection/points" / k / "samples.npz")["arr_0"] for k in sel]
+    assert not np.array_equal(images[0], images[1])
 
 
 def test_tiny_sweep_chooses_on_selection_and_reports_on_report(frontier_cfg, tmp_path):

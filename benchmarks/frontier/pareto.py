@@ -22,7 +22,8 @@ QUALITIES = {
 COSTS = (("macs", "denoiser MACs per image (M)", 1e-6), ("seconds", "sampling time (s)", 1.0))
 CURVES = (("tstitch", "T-Stitch alone", "tab:blue"), ("tgate", "T-GATE alone", "tab:orange"),
           ("combined", "T-Stitch + T-GATE", "tab:green"),
-          ("steps", "large alone, fewer steps / other sampler", "tab:gray"))
+          ("steps", "large alone, fewer steps / other sampler", "tab:gray"),
+          ("caches", "diffusers cache (+ T-Stitch)", "tab:purple"))
 
 
 def pareto_front(rows: Sequence[dict], cost: str, quality: str, higher_is_better: bool = True) -> list[dict]:

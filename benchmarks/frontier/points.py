@@ -18,13 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from diffusion.errors import UserError
+from runs.techniques import CACHES
 from tgate import TGateConfig
 
 # the kinds of point; the keys of the accel-name mapping (configs/frontier.yaml `accel:`) are ACCEL_KINDS
-TECHNIQUES = ("baseline", "steps", "tstitch", "tgate", "combined")
+TECHNIQUES = ("baseline", "steps", "tstitch", "tgate", "combined", "caches")
 ACCEL_KINDS = ("baseline", "tstitch", "tgate", "combined")  # "steps" runs the baseline's accel config
 TECHNIQUE_NAMES = {"baseline": "large alone", "steps": "large alone, fewer steps / sampler", "tstitch": "T-Stitch",
-                   "tgate": "T-GATE", "combined": "T-Stitch + T-GATE"}
+                   "tgate": "T-GATE", "combined": "T-Stitch + T-GATE", "caches": "diffusers cache (+ T-Stitch)"}
 GATE_KEYS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "branch")
 GRID_KEYS = ("name", "samplers", "steps", "fractions", "gates", "caches")
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "ddpm", "pipeline")  # configs/sampler/ (pipeline: a diffusers pipeline's loop)
@@ -60,8 +61,11 @@ class Point:
     sampler: str = "ddim"  # configs/sampler/<sampler>.yaml
     steps: int = 50  # sampler.steps
     base: bool = False  # the sampler and steps of the base config (its large model alone is THE baseline)
+    cache: str | None = None  # one of runs.techniques.CACHES (accel=<cache>, or [tstitch,<cache>]); None: no cache
 
     def __post_init__(self):
+        if self.cache is not None and (self.cache not in CACHES or self.gate is not None):
+            raise UserError(f"cache={self.cache!r}: allowed: {list(CACHES)} (without a T-GATE setting)")
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
                 or not 0.0 <= self.fraction <= 1.0:
             raise UserError(f"fraction={self.fraction!r}: must be a number in [0, 1]")
@@ -73,6 +77,8 @@ class Point:
 
     @property
     def technique(self) -> str:
+        if self.cache is not None:  # alone or stitched: one kind, so `pick.techniques: [caches]` covers both
+            return "caches"
         stitched = self.fraction > 0
         if self.gate is None:
             return "tstitch" if stitched else ("baseline" if self.base else "steps")
@@ -80,7 +86,7 @@ class Point:
 
     @property
     def accel_kind(self) -> str:
-        return "baseline" if self.technique == "steps" else self.technique
+        return "baseline" if self.technique in ("steps", "caches") else self.technique
 
     @property
     def key(self) -> str:
@@ -89,7 +95,7 @@ class Point:
         if self.gate is not None:
             g = self.gate
             key += f"-g{g.gate_step}-sp{g.sp_interval}-fi{g.fi_interval}-wu{g.warm_up}-{g.branch}"
-        return key
+        return key + (f"-{self.cache}" if self.cache else "")
 
     @property
     def run_label(self) -> str:
@@ -99,7 +105,8 @@ class Point:
     @property
     def label(self) -> str:
         """For tables: 'large alone, DDIM 50', 'S 0.4, DDIM 25', 'S 0.4 + g40 sp1 fi1 wu2, DDIM 50'."""
-        parts = ([f"S {self.fraction:g}"] if self.fraction > 0 else []) + ([self.gate.label] if self.gate else [])
+        parts = ([f"S {self.fraction:g}"] if self.fraction > 0 else []) + ([self.gate.label] if self.gate else []) \
+            + ([self.cache] if self.cache else [])
         return f"{' + '.join(parts) or 'large alone'}, {self.run_label}"
 
     @property
@@ -112,13 +119,23 @@ class Point:
             parts.append(f"g{g.gate_step}" + (f" sp{g.sp_interval}" if g.sp_interval > 1 else "")
                          + (f" fi{g.fi_interval}" if g.fi_interval > 1 else "")
                          + (f" {g.branch}" if g.branch != "cond" else ""))
+        if self.cache:
+            parts.append(self.cache)
         if not self.base:
             parts.append(f"{'' if self.sampler == 'ddim' else SAMPLER_SHORT[self.sampler]}{self.steps}")
-        return " ".join(parts) if self.fraction > 0 or self.gate else " ".join(["L", *parts])
+        return " ".join(parts) if self.fraction > 0 or self.gate or self.cache else " ".join(["L", *parts])
 
-    def overrides(self, accel_names: Mapping[str, str]) -> list[str]:
-        """Overrides of configs/sample.yaml (after the base ones) that make this point's run."""
-        out = [f"sampler={self.sampler}", f"sampler.steps={self.steps}", f"accel={accel_names[self.accel_kind]}"]
+    def overrides(self, accel_names: Mapping[str, str], cache_settings: Mapping | None = None) -> list[str]:
+        """Overrides of configs/sample.yaml (after the base ones) that make this point's run; a cache point runs
+        configs/accel/<cache>.yaml (with T-Stitch: [tstitch,<cache>]) and its `cache_settings[<cache>]`
+        (e.g. mag_cache's calibration) as accel.<cache>.<key>=<value>."""
+        if self.cache is not None:
+            accel = f"[tstitch,{self.cache}]" if self.fraction > 0 else self.cache
+            settings = (cache_settings or {}).get(self.cache) or {}
+            extra = [f"accel.{self.cache}.{k}={v}" for k, v in settings.items()]
+        else:
+            accel, extra = accel_names[self.accel_kind], []
+        out = [f"sampler={self.sampler}", f"sampler.steps={self.steps}", f"accel={accel}", *extra]
         if self.fraction > 0:
             out.append(f"accel.tstitch.ratio={self.fraction}")
         if self.gate is not None:
@@ -181,10 +198,8 @@ def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None, 
         unknown = sorted(set(grid) - set(GRID_KEYS))
         if unknown:
             raise UserError(f"grid {name!r}: unknown keys {unknown}; allowed: {list(GRID_KEYS)}")
-        if grid.get("caches"):  # the slot of the caches issue (diffusers' FirstBlockCache, ...): not swept yet
-            raise UserError(f"grid {name!r}: caches={grid['caches']!r}: no cache is in the sweep yet; allowed: "
-                            "[] (the grid kind is reserved for the caches issue)")
         fractions, gates = _listed(grid, k, "fractions", [0.0]), _listed(grid, k, "gates", [None])
+        caches = _caches(grid, k)
         if not fractions or not gates:
             raise UserError(f"grid {name!r}: fractions and gates must not be empty (use [null] for no T-GATE)")
         for sampler_name in _list(grid, "samplers", [sampler], name):
@@ -202,7 +217,25 @@ def grid_points(grids: Sequence[Mapping], gate_defaults: Mapping | None = None, 
                             raise _at_key(err, f"grids[{k}].fractions[{i}]", whole=True) from None
                         if point not in points:
                             points.append(point)
+                # each cache alone (fraction 0), then with each T-Stitch fraction of the grid, no T-GATE
+                for cache in caches:
+                    for fraction in sorted({0.0, *(float(f) for f in fractions)}):
+                        point = Point(fraction, None, str(sampler_name), n, base=(sampler_name, n) == (sampler, steps),
+                                      cache=cache)
+                        if point not in points:
+                            points.append(point)
     return points
+
+
+def _caches(grid: Mapping, k: int) -> list[str]:
+    """grids[k].caches: names of runs.techniques.CACHES, checked before any sampling."""
+    value = grid.get("caches") or []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise UserError(f"grids[{k}].caches={value!r}: must be a list of cache names; allowed: {list(CACHES)}")
+    for i, name in enumerate(value):
+        if name not in CACHES:
+            raise UserError(f"grids[{k}].caches[{i}]={name!r}: not a cache; allowed: {list(CACHES)}")
+    return [str(name) for name in value]
 
 
 _ARGUMENT = re.compile(r"^(?:[A-Za-z][\w-]* )?([A-Za-z_]\w*)=")

@@ -124,9 +124,13 @@ def point_configs(cfg: DictConfig, points: list[Point], compose: Compose, seed_s
     seeds = cfg.seeds[seed_set]
     shared = [*cfg.base, f"num_samples={seeds.num_samples}", f"batch_size={_int(cfg, 'batch_size', 1)}",
               f"seed={seeds.seed}", f"device={cfg.device}", f"num_threads={cfg.num_threads}", "progress=false"]
+    cache_settings = _plain(cfg.get("cache_settings")) or {}
+    if not isinstance(cache_settings, dict):
+        raise UserError(f"cache_settings={cache_settings!r}: must be a mapping cache -> {{setting: value}}")
     cfgs = {}
     for point in points:
-        run_cfg = compose([*shared, *cfg.run_overrides, *point.overrides(accel)])  # the point's sampler and steps win
+        # the point's sampler and steps win
+        run_cfg = compose([*shared, *cfg.run_overrides, *point.overrides(accel, cache_settings)])
         check_config(run_cfg)
         build_hooks(run_cfg)  # bad gate or fraction settings fail here
         cfgs[point.key] = run_cfg
@@ -172,10 +176,12 @@ def sample_and_measure(points: list[Point], cfgs: dict[str, DictConfig], out_dir
         metrics = run_from_config(cfgs[point.key], folder)
         models = model_names(model_configs(cfgs[point.key]))  # run order (metrics.json sorts its keys)
         row = {"key": point.key, "set": seed_set, "label": point.label, "short_label": point.short_label,
-               "technique": point.technique, "base_point": point == own, "fraction": point.fraction,
+               "technique": point.technique, "cache": point.cache, "base_point": point == own,
+               "fraction": point.fraction,
                "gate": None if point.gate is None else vars(point.gate), "sampler": point.sampler,
                "steps": point.steps, "models": models,
-               "model_steps": [metrics["steps_per_model"][m] for m in models], "macs": metrics.get("macs_per_image"),
+               "model_steps": [metrics["steps_per_model"][m] for m in models],
+               "macs": metrics.get("macs_per_image_spent", metrics.get("macs_per_image")),  # caches: what ran
                "quality_run_seconds": metrics["sampling_seconds"],
                **measure_point(folder, quality, reference, metrics)}
         if k == 0:
