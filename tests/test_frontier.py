@@ -188,8 +188,9 @@ def test_timing_is_round_robin(monkeypatch, frontier_cfg):
     cfgs = {k: compose_sample(["+exp=digits_fast", f"accel={k}", CKPTS[0]]) for k in ("none", "tgate")}
     times = frontier_timing.time_round_robin(cfgs, num_samples=4, batch_size=2, repeats=3, warmup=1, progress=False)
     assert calls == [("none", 2), ("tgate", 2)] * 4
-    assert times["none"] == {"seconds": 5.0, "runs": [3.0, 5.0, 7.0]}
-    assert times["tgate"] == {"seconds": 6.0, "runs": [4.0, 6.0, 8.0]}
+    eager = {"compile_seconds": 0.0, "compiled_graphs": 0, "recompiles": 0, "recompile_limit_hit": False}
+    assert times["none"] == {"seconds": 5.0, "runs": [3.0, 5.0, 7.0], **eager}
+    assert times["tgate"] == {"seconds": 6.0, "runs": [4.0, 6.0, 8.0], **eager}
     with pytest.raises(ValueError, match="repeats=0"):
         frontier_timing.time_round_robin(cfgs, num_samples=4, batch_size=2, repeats=0)
 
@@ -251,6 +252,32 @@ def test_a_cache_on_the_tiny_sweep_spends_fewer_macs(frontier_cfg, tmp_path):
     assert cached["macs"] == metrics["macs_per_image_spent"] < metrics["macs_per_image"] == plain["macs"]
     images = [np.load(tmp_path / "sweep/selection/points" / k / "samples.npz")["arr_0"] for k in sel]
     assert not np.array_equal(images[0], images[1])
+
+
+def test_compiled_timing_rows(frontier_cfg, tmp_path):
+    compose_frontier, compose_sample = frontier_cfg
+    cfg = compose_frontier(*TINY, "seeds.selection.num_samples=4", "seeds.report.num_samples=4", "batch_size=4",
+                           "grids=[{fractions: [0.4]}]", "timing.warmup=1", "timing.repeats=1",
+                           "timing.sets=[selection]", "timing.compile=[none,regional]",
+                           "timing.compile_backend=aot_eager")
+    result = run_frontier(cfg, compose_sample, tmp_path / "sweep", progress=False)
+    for row in result["selection_rows"]:
+        assert row["seconds"] > 0 and row["seconds_regional"] > 0 and len(row["seconds_runs_regional"]) == 1
+        assert row["compile_backend_regional"] == "aot_eager" and row["compiled_graphs_regional"] > 0
+        assert isinstance(row["recompiles_regional"], int) and row["recompile_limit_hit_regional"] is False
+    assert "seconds_regional" not in result["rows"][0]  # the report set is not timed here
+    md = (tmp_path / "sweep" / "frontier.md").read_text()
+    assert "### Selection set: eager and compiled sampling time" in md and "| regional s |" in md
+    record = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
+    assert "recompiles_regional" in record["selection"][1]
+
+
+@pytest.mark.parametrize("modes", ["[full]", "[none,none]"])
+def test_bad_compile_timing_is_refused(frontier_cfg, tmp_path, modes):
+    compose_frontier, compose_sample = frontier_cfg
+    with pytest.raises(ValueError, match=r"timing.compile=.*none \| regional|timing.compile=.*\['none', 'regional'\]"):
+        run_frontier(compose_frontier(*TINY, f"timing.compile={modes}"), compose_sample, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
 
 
 def test_tiny_sweep_chooses_on_selection_and_reports_on_report(frontier_cfg, tmp_path):

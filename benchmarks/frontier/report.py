@@ -116,6 +116,24 @@ def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: st
     return "\n".join(lines)
 
 
+def compiled_table(rows: Sequence[dict], modes: Sequence[str]) -> str:
+    """Eager and compiled sampling time of each timed row (round-robin medians; compiling not included), speed-ups
+    against the large model alone timed the same way, and what dynamo did (recompiles, compile seconds)."""
+    head = ["setting", "eager s", "speed-up"]
+    for mode in modes:
+        head += [f"{mode} s", "speed-up", "vs eager", "recompiles", "graphs", "compile s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], f"{r['seconds']:.3f}", f"{r['speedup']:.2f}x"]
+        for mode in modes:
+            cells += [f"{r[f'seconds_{mode}']:.3f}", f"{r[f'speedup_{mode}']:.2f}x",
+                      f"{r['seconds'] / r[f'seconds_{mode}']:.2f}x", str(r[f"recompiles_{mode}"])
+                      + (" (limit hit)" if r[f"recompile_limit_hit_{mode}"] else ""),
+                      str(r[f"compiled_graphs_{mode}"]), f"{r[f'compile_seconds_{mode}']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _versus(row: dict, baseline: dict, quality: str) -> str:
     speed = f"{baseline['seconds'] / row['seconds']:.2f}x faster in time, " if row.get("seconds") else ""
     text = speed + (f"{baseline['macs'] / row['macs']:.2f}x fewer MACs" if row.get("macs") and baseline.get("macs")

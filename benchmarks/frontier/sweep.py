@@ -33,7 +33,7 @@ from runs.techniques import label
 from .judges import JUDGES, PAIRED, QUALITIES, check_pick_judges, paired_stats
 from .pareto import plot_frontier, plot_steps_samplers
 from .points import ACCEL_KINDS, TECHNIQUES, Gate, Point, grid_points
-from .report import mark_frontiers, markdown_table, pick_fastest, summary
+from .report import compiled_table, mark_frontiers, markdown_table, pick_fastest, summary
 from .timing import time_round_robin
 
 log = logging.getLogger(__name__)
@@ -216,16 +216,48 @@ def _title(cfgs: dict[str, DictConfig], rows: list[dict], seed_set: dict, name: 
                                   if repeats else ""))
 
 
+COMPILE_MODES = ("none", "regional")  # timing.compile: eager, and each repeated block compiled (runs.run's compile)
+
+
+def compile_modes(cfg: DictConfig) -> list[str]:
+    """timing.compile: the compile modes each timed point is timed in ([none]: eager only)."""
+    modes = _plain(cfg.timing.get("compile")) or ["none"]
+    modes = [modes] if isinstance(modes, str) else modes
+    if not isinstance(modes, list) or not modes or set(modes) - set(COMPILE_MODES) or len(set(modes)) < len(modes):
+        raise UserError(f"timing.compile={modes!r}: a list of distinct modes of {list(COMPILE_MODES)} "
+                        "(none: eager; regional: compile=regional, backend timing.compile_backend)")
+    return modes
+
+
 def _time(rows: list[dict], cfgs: dict[str, DictConfig], cfg: DictConfig, repeats: int, progress: bool) -> None:
+    """Round-robin time of every row, eager (seconds, speedup) and, for each compiled mode of timing.compile, in
+    its own round-robin (seconds_<mode>, speedup_<mode> against the large model alone compiled alike, and
+    what dynamo did: compile_seconds_<mode>, recompiles_<mode>, ...)."""
     if not repeats or rows[0]["set"] not in (cfg.timing.get("sets") or SETS):
         return
+    import torch
+
     timing = cfg.timing
-    times = time_round_robin({r["key"]: cfgs[r["key"]] for r in rows}, num_samples=int(timing.num_samples),
-                             batch_size=int(timing.batch_size), repeats=repeats, warmup=int(timing.warmup),
-                             num_threads=cfg.num_threads, progress=progress)
-    for row in rows:
-        row["seconds"], row["seconds_runs"] = times[row["key"]]["seconds"], times[row["key"]]["runs"]
-        row["speedup"] = times[rows[0]["key"]]["seconds"] / row["seconds"]
+    backend = str(timing.get("compile_backend") or "inductor")
+    for mode in compile_modes(cfg):
+        timed = {r["key"]: cfgs[r["key"]] for r in rows}
+        if mode != "none":
+            timed = {k: OmegaConf.merge(c, {"compile": mode, "compile_backend": backend}) for k, c in timed.items()}
+            torch._dynamo.reset()  # each compiled variant starts from an empty dynamo (its own limits and caches)
+        times = time_round_robin(timed, num_samples=int(timing.num_samples), batch_size=int(timing.batch_size),
+                                 repeats=repeats, warmup=int(timing.warmup), num_threads=cfg.num_threads,
+                                 progress=progress)
+        suffix = "" if mode == "none" else f"_{mode}"
+        for row in rows:
+            t = times[row["key"]]
+            row[f"seconds{suffix}"], row[f"seconds_runs{suffix}"] = t["seconds"], t["runs"]
+            row[f"speedup{suffix}"] = times[rows[0]["key"]]["seconds"] / t["seconds"]
+            if mode != "none":
+                row[f"compile_backend{suffix}"] = backend
+                for name in ("compile_seconds", "compiled_graphs", "recompiles", "recompile_limit_hit"):
+                    row[f"{name}{suffix}"] = t[name]
+        if mode != "none":
+            torch._dynamo.reset()
 
 
 def report_points(points: list[Point], pick: Point | None, own: Point | None, extra: list[Point]) -> list[Point]:
@@ -270,6 +302,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     repeats = _int(cfg, "timing.repeats", 0)
     if repeats:
         _int(cfg, "timing.num_samples", 1), _int(cfg, "timing.batch_size", 1), _int(cfg, "timing.warmup", 0)
+    modes = compile_modes(cfg)
     timed_sets = list(cfg.timing.get("sets") or SETS)
     if set(timed_sets) - set(SETS):
         raise UserError(f"timing.sets={timed_sets!r}: each must be one of {list(SETS)}")
@@ -339,6 +372,11 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
               "title": title, "summary": text, "report": [strip(r) for r in report],
               "selection": [strip(r) for r in selection]}
     save_json(record, out_dir / "frontier.json")
+    compiled = [m for m in modes if m != "none"] if repeats else []
+    if compiled:  # eager and compiled sampling time of each timed point, side by side
+        for name, rows in (("Report", report), ("Selection", selection)):
+            if rows[0].get("seconds") is not None:
+                table += f"\n\n### {name} set: eager and compiled sampling time\n\n{compiled_table(rows, compiled)}"
     markdown = (f"## Report set\n\n{title.replace(chr(10), '; ')}\n\n{text}\n\n{table}\n\n"
                 f"## Selection set (the pick was chosen here)\n\n{selection_title.replace(chr(10), '; ')}\n\n"
                 f"{selection_table}\n")

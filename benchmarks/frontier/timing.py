@@ -5,6 +5,10 @@ Each point's run is built once (its models, solver and hooks, from its composed 
 so that the load of other processes on a shared machine spreads over all points instead of hitting
 a few. Only the sampling loop is timed (`generate`'s `sampling_seconds`: no building, no decoding,
 no writing), on the first `num_samples` samples of the run's own seeds and labels.
+
+A config with `compile=regional` (the sweep's `timing.compile`) is built compiled as runs.run compiles
+it (each model its own dynamo cache and recompile limit, diffusion.compile); the compiling happens in
+the warm-up rounds, and what dynamo did (graphs, recompiles, compile seconds, limit hit) is recorded.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from diffusion.compile import CompileStats
 from diffusion.errors import UserError
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.vae import load_first_stage
@@ -30,6 +35,7 @@ from runs.run import (
     model_names,
     resolve_device,
 )
+from runs.speed import Speed
 
 
 @dataclass
@@ -79,12 +85,16 @@ def build_timed_run(cfg: DictConfig, num_samples: int) -> TimedRun:
                           eta=cfg.sampler.get("eta", 0.0), spacing=cfg.sampler.get("spacing"))
     for hook in hooks:
         hook.attach(models, model_names(configs), solver)
+    speed = Speed.from_config(cfg, device)  # compile=none: nothing; regional: lazy, the first forwards compile
+    for model in models:
+        speed.compile_model(model)
     return TimedRun(cfg, models, solver, hooks, (stage.latent_channels, latent_size, latent_size), labels, device)
 
 
 def time_round_robin(cfgs: Mapping[str, DictConfig], *, num_samples: int, batch_size: int, repeats: int,
                      warmup: int = 1, num_threads: int | None = 1, progress: bool = True) -> dict[str, dict]:
-    """key -> {"seconds": median, "runs": [seconds of each repeat]} for every config, timed in turns.
+    """key -> {"seconds": median, "runs": [seconds of each repeat], compile_seconds, compiled_graphs, recompiles,
+    recompile_limit_hit} for every config, timed in turns.
 
     warmup rounds (not recorded) come first: the first calls of a process pay one-off set-up costs."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -92,6 +102,7 @@ def time_round_robin(cfgs: Mapping[str, DictConfig], *, num_samples: int, batch_
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise UserError(f"timing warmup={warmup!r}: must be an integer >= 0")
     times: dict[str, list[float]] = {key: [] for key in cfgs}
+    stats: dict[str, CompileStats] = {key: CompileStats() for key in cfgs}
     runs: dict[str, TimedRun] = {}
     with cpu_threads(num_threads):
         try:
@@ -99,10 +110,13 @@ def time_round_robin(cfgs: Mapping[str, DictConfig], *, num_samples: int, batch_
                 runs[key] = build_timed_run(cfg, num_samples)
             rounds = [(r, key) for r in range(warmup + repeats) for key in runs]
             for r, key in tqdm(rounds, desc="timing (round-robin)", disable=not progress):
-                seconds = runs[key].seconds(batch_size)
+                before = stats[key].seconds
+                with stats[key]:  # the compiling of a compiled run (warm-up rounds) and any recompile later
+                    seconds = runs[key].seconds(batch_size)
+                seconds -= stats[key].seconds - before  # compiling is reported apart, as runs.run does
                 if r >= warmup:
                     times[key].append(seconds)
         finally:
             for run in runs.values():
                 run.close()
-    return {key: {"seconds": statistics.median(t), "runs": t} for key, t in times.items()}
+    return {key: {"seconds": statistics.median(t), "runs": t, **stats[key].as_metrics()} for key, t in times.items()}
