@@ -53,12 +53,6 @@ def call_target(node, **extra):
         return target(**kwargs, **extra)
 
 
-def resolve_device(name: str) -> torch.device:
-    """device=auto|cpu|cuda[:N]|mps as a torch.device; anything else, or a device this machine lacks, is a
-    UserError naming `device` and the allowed values (runs.devices)."""
-    return check_device(name)
-
-
 def model_configs(cfg: DictConfig) -> list[DictConfig]:
     """The run's denoiser configs in the order they run: accel.models... (T-Stitch's), then model."""
     return list(stitched_models(cfg.accel).values()) + [cfg.model]
@@ -204,13 +198,13 @@ def run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist | None = No
                 raise UserError("text/image pipelines (model kind: pipeline) run in one process for now, without "
                                  "resume; launch them without torchrun/accelerate (or split the prompts over jobs)")
             from runs.pipeline_run import run_pipeline_from_config
-            return run_pipeline_from_config(cfg, out_dir, resolve_device(cfg.device))
+            return run_pipeline_from_config(cfg, out_dir, check_device(cfg.device))
         return _run_from_config(cfg, out_dir, dist)
 
 
 def _run_from_config(cfg: DictConfig, out_dir: str | Path, dist: Dist) -> dict:
     labels = check_config(cfg)
-    device = dist.device(resolve_device(cfg.device))
+    device = dist.device(check_device(cfg.device))
     speed = Speed.from_config(cfg, device)  # precision resolved (auto -> tf32 on CUDA, fp32 on CPU), compile checked
     # --- resume (runs/resume.py): read-only checks before any work ---
     folder = SampleFolder(out_dir, cfg.num_samples, image_size=int(cfg.model.image_size))

@@ -18,7 +18,8 @@ from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.timing import time_with_and_without
 from runs.config_keys import config_keys_of
 from runs.count_macs import build_meta_denoiser, count_run
-from runs.run import build_denoiser, resolve_device
+from runs.devices import check_device
+from runs.run import build_denoiser
 from runs.script import hydra_errors, job_errors
 from runs.speed import Speed
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
     speed = Speed.from_config(cfg, device)
     latent = int(cfg.model.unet.image_size)
     shape = (int(cfg.model.unet.in_channels), latent, latent)

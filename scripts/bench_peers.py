@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.peers import build_rows, check_settings, table, time_rows
 from diffusion.outputs import save_json
-from runs.run import resolve_device
+from runs.devices import check_device
 from runs.script import hydra_errors, job_errors
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     check_settings(cfg)  # every setting and model name before the first measurement (also the callback's check)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
     out = Path(HydraConfig.get().runtime.output_dir)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     report, results = [], {}

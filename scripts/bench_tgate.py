@@ -20,7 +20,7 @@ from diffusion.random_weights import fill_zero_init_layers
 from diffusion.solvers import build_solver
 from dit import build_dit
 from runs.config_keys import config_keys_of
-from runs.run import resolve_device
+from runs.devices import check_device
 from runs.script import hydra_errors, job_errors
 from runs.speed import Speed
 from tgate.hook import TGateHook
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
     speed = Speed.from_config(cfg, device)
     latent = cfg.image_size // 8
     settings = OmegaConf.to_container(cfg.tgate)

@@ -29,8 +29,9 @@ from diffusion.errors import MissingFileError, UserError
 from diffusion.outputs import save_json
 from diffusion.solvers import NoiseSchedule
 from diffusion.vae import load_first_stage
+from runs.devices import check_device
 from runs.folder_lock import claim_folder
-from runs.run import build_denoiser, call_target, cpu_threads, resolve_device
+from runs.run import build_denoiser, call_target, cpu_threads
 from training.checkpointing import (
     checkpoint_name,
     export_state,
@@ -112,7 +113,7 @@ def _earlier_losses(state: dict, out_dir: Path, start: int) -> tuple[list, list]
 def _train(cfg: DictConfig, out_dir: str | Path) -> dict:
     check_train_config(cfg)
     out_dir = Path(out_dir)
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
     dataset = call_target(cfg.data)
     image_size = int(cfg.model.image_size)
     if dataset.image_size != image_size:

@@ -24,6 +24,7 @@ from diffusion.compile import CompileStats
 from diffusion.errors import UserError
 from diffusion.solvers import NoiseSchedule, build_solver
 from diffusion.vae import load_first_stage
+from runs.devices import check_device
 from runs.generate import generate
 from runs.run import (
     build_denoiser,
@@ -33,7 +34,6 @@ from runs.run import (
     cpu_threads,
     model_configs,
     model_names,
-    resolve_device,
 )
 from runs.speed import Speed
 
@@ -69,7 +69,7 @@ class TimedRun:
 def build_timed_run(cfg: DictConfig, num_samples: int) -> TimedRun:
     """The run of `cfg` as runs.run builds it (same weights, solver, hooks), for its first num_samples."""
     labels = check_config(cfg)[:num_samples]
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
     hooks = build_hooks(cfg)
     configs = model_configs(cfg)
     with torch.random.fork_rng(devices=[]):
