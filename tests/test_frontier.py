@@ -33,7 +33,8 @@ CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
 # 6 DDIM steps; selection: 12 samples (seeds 0..11), report: 10 samples (seeds 500..509)
 TINY = ["base_point=false", "seeds.selection.num_samples=12", "seeds.report={seed: 500, num_samples: 10}",
         "batch_size=6", "timing.num_samples=4", "timing.batch_size=4", "timing.repeats=2", "timing.warmup=0",
-        "grids=[{fractions: [0.0, 0.4], gates: [null, {gate_step: 0.5}]}]", "report_grids=[]"]
+        "grids=[{fractions: [0.0, 0.4], gates: [null, {gate_step: 0.5}]}]", "report_grids=[]",
+        "pick.same_steps_speedup=null", "timing.compile=[none]"]
 
 
 @pytest.fixture
@@ -155,6 +156,44 @@ def test_a_point_beyond_the_frechet_tolerance_is_never_picked():
         assert picked is None or picked["frechet"] <= 30.0 * (1 + tolerance)
 
 
+def test_the_pick_must_beat_the_large_model_at_its_own_steps():
+    """pick.same_steps_speedup: a technique's point 9x faster than DDIM 50 only because it runs 10 steps, and
+    1.9x faster than the large model at those 10 steps, is not picked at 2.0; one 2.5x faster at 20 steps is."""
+    from benchmarks.frontier.report import add_same_steps_speedups
+
+    def row(key, technique, sampler, steps, seconds, accuracy=0.99):
+        return {"key": key, "technique": technique, "sampler": sampler, "steps": steps, "seconds": seconds,
+                "accuracy": accuracy, "logreg_accuracy": accuracy, "frechet": 30.0}
+
+    rows = [row("L50", "baseline", "ddim", 50, 18.0), row("L10", "steps", "dpmpp_2m", 10, 3.6),
+            row("S10", "tstitch", "dpmpp_2m", 10, 1.9), row("L20", "steps", "dpmpp_2m", 20, 7.2),
+            row("C20", "caches", "dpmpp_2m", 20, 2.88), row("S5", "tstitch", "ddim", 5, 0.5)]
+    add_same_steps_speedups(rows, "seconds")
+    speedups = {r["key"]: r["same_steps_speedup"] for r in rows}
+    assert speedups["S10"] == pytest.approx(3.6 / 1.9) and speedups["C20"] == pytest.approx(2.5)
+    assert speedups["L10"] == speedups["L50"] == 1.0 and speedups["S5"] is None  # no large model at DDIM 5
+    assert rows[2]["same_steps_key"] == "L10"
+    judges, kinds = ["svc", "logreg"], ["tstitch", "caches"]
+    assert pick_fastest(rows, judges, 0.01, "seconds", kinds)["key"] == "S5"
+    assert pick_fastest(rows, judges, 0.01, "seconds", kinds, same_steps_speedup=1.8)["key"] == "S10"
+    assert pick_fastest(rows, judges, 0.01, "seconds", kinds, same_steps_speedup=2.0)["key"] == "C20"
+    assert pick_fastest(rows, judges, 0.01, "seconds", kinds, same_steps_speedup=3.0) is None
+
+
+def test_the_same_steps_rule_adds_the_large_model_at_every_sampler_and_steps(frontier_cfg):
+    from benchmarks.frontier.sweep import same_steps_points, sweep_points
+
+    compose_frontier, compose_sample = frontier_cfg
+    grid = "grids=[{samplers: [dpmpp_2m], steps: [4], fractions: [0.4]}, {steps: [3], fractions: [0.0, 0.4]}]"
+    points, _ = sweep_points(compose_frontier(*TINY, grid, "pick.same_steps_speedup=2"), compose_sample)
+    assert [p.key for p in points] == ["ddim6-r0.00", "dpmpp_2m4-r0.40", "ddim3-r0.00", "ddim3-r0.40",
+                                       "dpmpp_2m4-r0.00"]
+    assert [p.technique for p in points][-1] == "steps"
+    points, _ = sweep_points(compose_frontier(*TINY, grid), compose_sample)  # no rule: no extra points
+    assert "dpmpp_2m4-r0.00" not in [p.key for p in points]
+    assert same_steps_points(points, ("ddim", 6)) == [Point(0.0, None, "dpmpp_2m", 4)]
+
+
 def test_the_summary_compares_the_pick_with_the_large_model_at_its_own_steps():
     from benchmarks.frontier.report import summary
 
@@ -259,7 +298,7 @@ def test_compiled_timing_rows(frontier_cfg, tmp_path):
     cfg = compose_frontier(*TINY, "seeds.selection.num_samples=4", "seeds.report.num_samples=4", "batch_size=4",
                            "grids=[{fractions: [0.4]}]", "timing.warmup=1", "timing.repeats=1",
                            "timing.sets=[selection]", "timing.compile=[none,regional]",
-                           "timing.compile_backend=aot_eager")
+                           "timing.compile_sets=[selection]", "timing.compile_backend=aot_eager")
     result = run_frontier(cfg, compose_sample, tmp_path / "sweep", progress=False)
     for row in result["selection_rows"]:
         assert row["seconds"] > 0 and row["seconds_regional"] > 0 and len(row["seconds_runs_regional"]) == 1
@@ -408,6 +447,8 @@ def test_bad_settings_fail_before_any_sampling(frontier_cfg, tmp_path):
             (["timing.repeats=-1"], [], "timing.repeats=-1"),
             (["pick.judges=[psnr]"], [], "pick.judges"),
             (["pick.frechet_tolerance=-0.1"], [], "pick.frechet_tolerance"),
+            (["pick.same_steps_speedup=0.5"], [], "pick.same_steps_speedup=0.5"),
+            (["timing.compile_sets=[test]"], [], "timing.compile_sets"),
             (["pick.techniques=[cache]"], [], "pick.techniques"),
             (["quality=fid"], [], "quality='fid'"),
             (["report_grids=[{samplers: [heun]}]"], [], "heun"),

@@ -45,15 +45,37 @@ def within_frechet(row: dict, baseline: dict, frechet_tolerance: float | None) -
         and value <= baseline["frechet"] * (1.0 + frechet_tolerance) + 1e-12
 
 
+def same_steps_row(rows: Sequence[dict], row: dict) -> dict | None:
+    """The large model alone at row's sampler and steps (no technique), if the set has it."""
+    return next((r for r in rows if r["technique"] in ("baseline", "steps") and r["sampler"] == row["sampler"]
+                 and r["steps"] == row["steps"]), None)
+
+
+def add_same_steps_speedups(rows: Sequence[dict], cost: str) -> None:
+    """row["same_steps_speedup"]: how many times cheaper (by `cost`) the row is than the large model alone at
+    its own sampler and steps, the part of its speed-up its technique earns (fewer steps earn the rest);
+    row["same_steps_key"] names that row. None where the set lacks it or the cost is unknown."""
+    for row in rows:
+        same = same_steps_row(rows, row)
+        ok = same is not None and row.get(cost) and same.get(cost)
+        row["same_steps_speedup"] = same[cost] / row[cost] if ok else None
+        row["same_steps_key"] = same["key"] if same is not None else None
+        row["same_steps_cost"] = cost
+
+
 def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds",
-                 techniques: Sequence[str] | None = None, frechet_tolerance: float | None = None) -> dict | None:
+                 techniques: Sequence[str] | None = None, frechet_tolerance: float | None = None,
+                 same_steps_speedup: float | None = None) -> dict | None:
     """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge
     and with a Fréchet distance within `frechet_tolerance` (relative) of its, among the points of `techniques`
-    (None: of every kind, the large model alone included)."""
+    (None: of every kind, the large model alone included), and, with `same_steps_speedup`, at least that many
+    times cheaper than the large model alone at its own sampler and steps (row["same_steps_speedup"],
+    add_same_steps_speedups: the technique, not fewer steps, must earn that much)."""
     baseline = rows[0]
     ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)
           and within_frechet(r, baseline, frechet_tolerance)
-          and (techniques is None or r["technique"] in techniques)]
+          and (techniques is None or r["technique"] in techniques)
+          and (same_steps_speedup is None or (r.get("same_steps_speedup") or 0.0) >= same_steps_speedup)]
     return min(ok, key=lambda r: (r[cost], -r.get("accuracy", r.get("ssim", 0.0)))) if ok else None
 
 
@@ -92,6 +114,9 @@ def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: st
     timed = baseline.get("seconds") is not None
     digits = quality == "digits"
     head = ["setting", "technique", "steps S / L", "MACs / image", "MACs vs large", "sampling s", "speed-up"]
+    same_steps = any(r.get("same_steps_speedup") is not None for r in rows)
+    if same_steps:  # the speed-up over the large model alone at the row's own sampler and steps
+        head.append("vs large, same steps")
     if digits:
         head += ["SVC agreement", "vs large, pt (paired SE)", "LogReg vs large, pt", "5-NN vs large, pt",
                  "Fréchet (floor)"]
@@ -106,6 +131,9 @@ def markdown_table(rows: Sequence[dict], pick: dict | None = None, base_name: st
         macs = ([f"{r['macs'] / 1e6:.1f} M", f"{baseline['macs'] / r['macs']:.2f}x"]
                 if r.get("macs") and baseline.get("macs") else ["-", "-"])
         cells = [name, TECHNIQUE_NAMES[r["technique"]], _steps(r), *macs, *time]
+        if same_steps:
+            cells.append("-" if r.get("same_steps_speedup") is None else f"{r['same_steps_speedup']:.2f}x"
+                         + ("" if r["same_steps_cost"] == "seconds" else f" ({r['same_steps_cost']})"))
         if digits:
             cells += [f"{r['accuracy']:.4f}", _pt(r, ""), _pt(r, "logreg_"), _pt(r, "knn_"),
                       f"{r['frechet']:.1f} ({r['frechet_real_floor']:.1f})"]

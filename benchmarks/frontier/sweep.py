@@ -33,7 +33,8 @@ from runs.techniques import label
 from .judges import JUDGES, PAIRED, QUALITIES, check_pick_judges, paired_stats
 from .pareto import plot_frontier, plot_steps_samplers
 from .points import ACCEL_KINDS, TECHNIQUES, Gate, Point, grid_points
-from .report import compiled_table, mark_frontiers, markdown_table, pick_fastest, summary
+from .report import (add_same_steps_speedups, compiled_table, mark_frontiers, markdown_table, pick_fastest,
+                     summary)
 from .timing import time_round_robin
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def sweep_points(cfg: DictConfig, compose: Compose) -> tuple[list[Point], Point 
     when the grid lacks it)."""
     sampler, steps = _base_run(cfg, compose)
     points = _points(cfg, "grids", sampler, steps)
+    if cfg.pick.get("same_steps_speedup") is not None:  # the rule compares each point with these
+        points += same_steps_points(points, (sampler, steps))
     own = None
     if cfg.get("base_point"):
         found = own_point(compose([*cfg.base, *cfg.run_overrides]))
@@ -91,6 +94,13 @@ def sweep_points(cfg: DictConfig, compose: Compose) -> tuple[list[Point], Point 
         if own not in points:
             points.append(own)
     return points, own
+
+
+def same_steps_points(points: list[Point], base: tuple[str, int]) -> list[Point]:
+    """The large model alone at each sampler and step count of `points` that has no such point yet."""
+    have = {(p.sampler, p.steps) for p in points if p.fraction == 0 and p.gate is None and p.cache is None}
+    wanted = dict.fromkeys((p.sampler, p.steps) for p in points)
+    return [Point(0.0, None, s, n, base=(s, n) == base) for s, n in wanted if (s, n) not in have]
 
 
 def _int(cfg: DictConfig, key: str, low: int) -> int:
@@ -239,7 +249,10 @@ def _time(rows: list[dict], cfgs: dict[str, DictConfig], cfg: DictConfig, repeat
 
     timing = cfg.timing
     backend = str(timing.get("compile_backend") or "inductor")
+    compiled_sets = _plain(timing.get("compile_sets")) or list(SETS)
     for mode in compile_modes(cfg):
+        if mode != "none" and rows[0]["set"] not in compiled_sets:
+            continue  # compiling every point of a large selection grid costs more than it tells
         timed = {r["key"]: cfgs[r["key"]] for r in rows}
         if mode != "none":
             timed = {k: OmegaConf.merge(c, {"compile": mode, "compile_backend": backend}) for k, c in timed.items()}
@@ -291,6 +304,13 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
         raise UserError(f"pick.frechet_tolerance={frechet_tolerance!r}: must be null or a number >= 0 (0.1: the "
                         "Fréchet distance at most 10% above the large model alone's)")
     frechet_tolerance = None if frechet_tolerance is None else float(frechet_tolerance)
+    same_steps_speedup = cfg.pick.get("same_steps_speedup")
+    if same_steps_speedup is not None and (isinstance(same_steps_speedup, bool)
+                                           or not isinstance(same_steps_speedup, (int, float))
+                                           or same_steps_speedup < 1):
+        raise UserError(f"pick.same_steps_speedup={same_steps_speedup!r}: must be null or a number >= 1 (2: the "
+                        "pick at least 2x faster than the large model alone at its own sampler and steps)")
+    same_steps_speedup = None if same_steps_speedup is None else float(same_steps_speedup)
     quality = cfg.quality
     if quality not in QUALITIES:
         raise UserError(f"quality={quality!r}: allowed: {list(QUALITIES)}")
@@ -306,6 +326,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     timed_sets = list(cfg.timing.get("sets") or SETS)
     if set(timed_sets) - set(SETS):
         raise UserError(f"timing.sets={timed_sets!r}: each must be one of {list(SETS)}")
+    compiled_sets = _plain(cfg.timing.get("compile_sets")) or list(SETS)
+    if not isinstance(compiled_sets, list) or set(compiled_sets) - set(SETS):
+        raise UserError(f"timing.compile_sets={compiled_sets!r}: a list of {list(SETS)} (the sets timed compiled too)")
     points, own = sweep_points(cfg, compose)
     sampler, steps = points[0].sampler, points[0].steps
     extra = _points(cfg, "report_grids", sampler, steps)[1:]
@@ -321,7 +344,8 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     cost = ("seconds" if repeats and "selection" in timed_sets else "macs" if all(r["macs"] for r in selection)
             else "quality_run_seconds")
     techniques = _plain(cfg.pick.get("techniques"))
-    pick_row = pick_fastest(selection, judges, tolerance, cost, techniques, frechet_tolerance)
+    add_same_steps_speedups(selection, cost)
+    pick_row = pick_fastest(selection, judges, tolerance, cost, techniques, frechet_tolerance, same_steps_speedup)
     pick = next((p for p in points if p.key == pick_row["key"]), None) if pick_row else None
     # of every kind: fewer steps alone may beat the pick
     any_row = pick_fastest(selection, judges, tolerance, cost, None, frechet_tolerance)
@@ -332,6 +356,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     report_cfgs.update(point_configs(cfg, [p for p in chosen if p.key not in report_cfgs], compose, "report"))
     report = sample_and_measure(chosen, report_cfgs, out_dir / "report", own, quality, "report")
     _time(report, report_cfgs, cfg, repeats, progress)
+    add_same_steps_speedups(report, "seconds" if report[0].get("seconds") is not None else "macs")
     mark_frontiers(report)
     reported_pick = next((r for r in report if pick is not None and r["key"] == pick.key), None)
     reported_any = next((r for r in report if fastest is not None and r["key"] == fastest.key), None)
@@ -345,7 +370,9 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     rule = (f"the fastest point{kinds} (by {cost}) of the selection set within {tolerance:g} of the large model "
             f"alone by each of {judges}"
             + (f", with a Fréchet distance at most {100 * frechet_tolerance:g}% above its" if frechet_tolerance
-               is not None and quality == "digits" else ""))
+               is not None and quality == "digits" else "")
+            + (f", and at least {same_steps_speedup:g}x cheaper than the large model alone at its own sampler and "
+               "steps" if same_steps_speedup is not None else ""))
     text = summary(report, reported_pick, rule, base_name, quality, reported_any)
     table = markdown_table(report, reported_pick, base_name, quality)
     selection_table = markdown_table(selection, pick_row, base_name, quality)
@@ -375,7 +402,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     compiled = [m for m in modes if m != "none"] if repeats else []
     if compiled:  # eager and compiled sampling time of each timed point, side by side
         for name, rows in (("Report", report), ("Selection", selection)):
-            if rows[0].get("seconds") is not None:
+            if rows[0].get(f"seconds_{compiled[0]}") is not None:
                 table += f"\n\n### {name} set: eager and compiled sampling time\n\n{compiled_table(rows, compiled)}"
     markdown = (f"## Report set\n\n{title.replace(chr(10), '; ')}\n\n{text}\n\n{table}\n\n"
                 f"## Selection set (the pick was chosen here)\n\n{selection_title.replace(chr(10), '; ')}\n\n"
