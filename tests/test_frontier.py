@@ -34,7 +34,7 @@ CKPTS = [f"model.ckpt={ROOT / 'checkpoints/digits/digits_l.pt'}",
 TINY = ["base_point=false", "seeds.selection.num_samples=12", "seeds.report={seed: 500, num_samples: 10}",
         "batch_size=6", "timing.num_samples=4", "timing.batch_size=4", "timing.repeats=2", "timing.warmup=0",
         "grids=[{fractions: [0.0, 0.4], gates: [null, {gate_step: 0.5}]}]", "report_grids=[]",
-        "pick.same_steps_speedup=null", "timing.compile=[none]"]
+        "pick.same_steps_speedup=null", "pick.se_margin=0", "timing.compile=[none]"]
 
 
 @pytest.fixture
@@ -178,6 +178,28 @@ def test_the_pick_must_beat_the_large_model_at_its_own_steps():
     assert pick_fastest(rows, judges, 0.01, "seconds", kinds, same_steps_speedup=1.8)["key"] == "S10"
     assert pick_fastest(rows, judges, 0.01, "seconds", kinds, same_steps_speedup=2.0)["key"] == "C20"
     assert pick_fastest(rows, judges, 0.01, "seconds", kinds, same_steps_speedup=3.0) is None
+
+
+def test_a_margin_of_paired_errors_keeps_edge_points_out():
+    # "edge" is 0.9 points below by the SVC with a paired SE of 0.4: within 1 point, but not by a margin of 1 SE
+    rows = [{"key": "L", "technique": "baseline", "macs": 10, "accuracy": 0.99, "logreg_accuracy": 0.98,
+             "delta_se": 0.0, "logreg_delta_se": 0.0},
+            {"key": "edge", "technique": "tstitch", "macs": 2, "accuracy": 0.981, "logreg_accuracy": 0.98,
+             "delta_se": 0.004, "logreg_delta_se": 0.001},
+            {"key": "safe", "technique": "tstitch", "macs": 4, "accuracy": 0.986, "logreg_accuracy": 0.979,
+             "delta_se": 0.003, "logreg_delta_se": 0.002}]
+    judges = ["svc", "logreg"]
+    assert pick_fastest(rows, judges, 0.01, "macs")["key"] == "edge"
+    assert pick_fastest(rows, judges, 0.01, "macs", se_margin=1.0)["key"] == "safe"
+    assert pick_fastest(rows, judges, 0.01, "macs", se_margin=3.0)["key"] == "L"   # -0.4 - 3 x 0.3 < -1
+
+
+def test_the_steps_figure_draws_plain_and_stitched_points_only():
+    from benchmarks.frontier.pareto import steps_figure_rows
+
+    rows = [{"key": k, "gate": g, "cache": c} for k, g, c in (("L", None, None), ("S", None, None),
+                                                               ("SG", {"gate_step": 8}, None), ("SC", None, "pab"))]
+    assert [r["key"] for r in steps_figure_rows(rows)] == ["L", "S"]
 
 
 def test_the_same_steps_rule_adds_the_large_model_at_every_sampler_and_steps(frontier_cfg):
@@ -430,7 +452,12 @@ def test_the_base_experiments_own_point(frontier_cfg, tmp_path):
     gated = compose_sample(["+exp=digits_stitch_0.4", "accel=[tstitch,tgate]", "accel.tgate.gate_step=40",
                             "accel.tgate.sp_interval=2"])
     assert own_point(gated).key == "ddim50-r0.40-g40-sp2-fi1-wu2-cond"
+    cached = compose_sample(["+exp=digits_stitch_0.4", "accel=[tstitch,taylorseer]", "sampler=dpmpp_2m",
+                             "sampler.steps=20"])
+    assert own_point(cached).key == "dpmpp_2m20-r0.40-taylorseer" and own_point(cached).technique == "caches"
     for bad, message in (({"hooks": {"deep_cache": {}}, "name": "deep_cache"}, "hooks \\['deep_cache'\\]"),
+                         ({"hooks": {"pab": {}, "taylorseer": {}}}, "one cache"),
+                         ({"hooks": {"tgate": {}, "pab": {}}}, "one cache"),
                          ({"hooks": {"tstitch": {}}, "tstitch": {"ratio": 0.4, "fractions": [0.2, 0.2, 0.6]}},
                           "several models")):
         with pytest.raises(ValueError, match=message):
@@ -448,6 +475,7 @@ def test_bad_settings_fail_before_any_sampling(frontier_cfg, tmp_path):
             (["pick.judges=[psnr]"], [], "pick.judges"),
             (["pick.frechet_tolerance=-0.1"], [], "pick.frechet_tolerance"),
             (["pick.same_steps_speedup=0.5"], [], "pick.same_steps_speedup=0.5"),
+            (["pick.se_margin=-1"], [], "pick.se_margin=-1"),
             (["timing.compile_sets=[test]"], [], "timing.compile_sets"),
             (["pick.techniques=[cache]"], [], "pick.techniques"),
             (["quality=fid"], [], "quality='fid'"),

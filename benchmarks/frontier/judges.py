@@ -47,13 +47,18 @@ def paired_stats(values: Sequence[float], baseline: Sequence[float]) -> tuple[fl
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(v)))
 
 
-def within(row: dict, baseline: dict, judges: Sequence[str], tolerance: float) -> bool:
-    """Whether every judge puts the row within `tolerance` of the large model alone (SSIM: of 1)."""
+def within(row: dict, baseline: dict, judges: Sequence[str], tolerance: float, se_margin: float = 0.0) -> bool:
+    """Whether every judge puts the row within `tolerance` of the large model alone (SSIM: of 1). With
+    `se_margin` k, a classifier's paired difference must clear the tolerance by k of its paired standard errors
+    (row["<judge>_delta_se"]): the fastest of many points that pass is the one noise flattered most, and a
+    margin keeps a point at the edge from being picked on luck. Judges without paired errors ignore it."""
     for judge in judges:
         key, higher, _, _ = JUDGES[judge]
         value, ref = row.get(key), baseline.get(key)
         if value is None or ref is None or (isinstance(value, float) and math.isnan(value)):
             return False
-        if higher and value < ref - tolerance - 1e-12 or not higher and value > ref + tolerance + 1e-12:
+        margin = se_margin * (row.get(("" if judge == "svc" else f"{judge}_") + "delta_se") or 0.0) \
+            if judge in PAIRED else 0.0
+        if higher and value - margin < ref - tolerance - 1e-12 or not higher and value > ref + tolerance + 1e-12:
             return False
     return True

@@ -133,11 +133,17 @@ def _save(fig, plt, out: Path, title: str) -> Path:
     return out
 
 
+def steps_figure_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows of T-Stitch's steps x samplers figure: the large model alone and T-Stitch, no T-GATE, no cache
+    (a cache point shares its sampler, steps and fraction with a plain one; it would break the line)."""
+    return [r for r in rows if r.get("gate") is None and not r.get("cache")]
+
+
 def plot_steps_samplers(rows: Sequence[dict], out: Path, *, quality: str = "digits", title: str = "") -> Path:
     """T-Stitch's steps x samplers figure: quality against the number of steps, one column per sampler, one
     line per T-Stitch fraction (0 = the large model alone); points without T-GATE or a cache only."""
     plt = _pyplot()
-    plain = [r for r in rows if r.get("gate") is None and not r.get("cache")]
+    plain = steps_figure_rows(rows)
     samplers = list(dict.fromkeys(r["sampler"] for r in plain))
     fractions = sorted({r["fraction"] for r in plain})
     qualities = [q for q in QUALITIES[quality][:3] if all(r.get(q[0]) is not None for r in plain)]

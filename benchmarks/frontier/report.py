@@ -65,14 +65,14 @@ def add_same_steps_speedups(rows: Sequence[dict], cost: str) -> None:
 
 def pick_fastest(rows: Sequence[dict], judges: Sequence[str], tolerance: float, cost: str = "seconds",
                  techniques: Sequence[str] | None = None, frechet_tolerance: float | None = None,
-                 same_steps_speedup: float | None = None) -> dict | None:
+                 same_steps_speedup: float | None = None, se_margin: float = 0.0) -> dict | None:
     """The cheapest point (by `cost`) within `tolerance` of the large model alone (the first row) by every judge
     and with a Fréchet distance within `frechet_tolerance` (relative) of its, among the points of `techniques`
     (None: of every kind, the large model alone included), and, with `same_steps_speedup`, at least that many
     times cheaper than the large model alone at its own sampler and steps (row["same_steps_speedup"],
-    add_same_steps_speedups: the technique, not fewer steps, must earn that much)."""
+    add_same_steps_speedups: the technique, not fewer steps, must earn that much). `se_margin`: judges.within."""
     baseline = rows[0]
-    ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance)
+    ok = [r for r in rows if r.get(cost) is not None and within(r, baseline, judges, tolerance, se_margin)
           and within_frechet(r, baseline, frechet_tolerance)
           and (techniques is None or r["technique"] in techniques)
           and (same_steps_speedup is None or (r.get("same_steps_speedup") or 0.0) >= same_steps_speedup)]

@@ -28,7 +28,7 @@ from diffusion.errors import UserError
 from diffusion.outputs import atomic_write_bytes, save_json
 from evaluation.fidelity import fidelity_per_sample
 from runs.run import build_hooks, check_config, model_configs, model_names, run_from_config
-from runs.techniques import label
+from runs.techniques import CACHES, label
 
 from .judges import JUDGES, PAIRED, QUALITIES, check_pick_judges, paired_stats
 from .pareto import plot_frontier, plot_steps_samplers
@@ -51,9 +51,11 @@ def own_point(run_cfg: DictConfig) -> Point:
     """The point a composed sampling config runs (its sampler, steps, T-Stitch fraction and T-GATE setting),
     e.g. +exp=digits_fast's."""
     hooks = set(run_cfg.accel.get("hooks") or {})
-    if hooks - {"tstitch", "tgate"}:
+    caches = sorted(hooks & set(CACHES))
+    if hooks - {"tstitch", "tgate", *CACHES} or len(caches) > 1 or (caches and "tgate" in hooks):
         raise UserError(f"base_point: the base config's accel={label(run_cfg.accel)} has hooks {sorted(hooks)}; "
-                         "a sweep point is a T-Stitch fraction and/or a T-GATE setting (hooks tstitch, tgate)")
+                         "a sweep point is a T-Stitch fraction with a T-GATE setting or one cache of "
+                         f"{list(CACHES)} (or neither)")
     fraction = 0.0
     if "tstitch" in hooks:
         if run_cfg.accel.tstitch.get("fractions") is not None:
@@ -66,7 +68,8 @@ def own_point(run_cfg: DictConfig) -> Point:
         if tg.get("lcm"):
             raise UserError("base_point: the base config gates with lcm=true; sweep points run with guidance")
         gate = Gate(int(tg.gate_step), int(tg.sp_interval), int(tg.fi_interval), int(tg.warm_up), str(tg.branch))
-    return Point(fraction, gate, str(run_cfg.sampler.name), int(run_cfg.sampler.steps))
+    return Point(fraction, gate, str(run_cfg.sampler.name), int(run_cfg.sampler.steps),
+                 cache=caches[0] if caches else None)
 
 
 def _base_run(cfg: DictConfig, compose: Compose) -> tuple[str, int]:
@@ -90,7 +93,7 @@ def sweep_points(cfg: DictConfig, compose: Compose) -> tuple[list[Point], Point 
     if cfg.get("base_point"):
         found = own_point(compose([*cfg.base, *cfg.run_overrides]))
         own = Point(found.fraction, found.gate, found.sampler, found.steps, base=(found.sampler, found.steps)
-                    == (sampler, steps))
+                    == (sampler, steps), cache=found.cache)
         if own not in points:
             points.append(own)
     return points, own
@@ -311,6 +314,10 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
         raise UserError(f"pick.same_steps_speedup={same_steps_speedup!r}: must be null or a number >= 1 (2: the "
                         "pick at least 2x faster than the large model alone at its own sampler and steps)")
     same_steps_speedup = None if same_steps_speedup is None else float(same_steps_speedup)
+    se_margin = cfg.pick.get("se_margin") or 0.0
+    if isinstance(se_margin, bool) or not isinstance(se_margin, (int, float)) or se_margin < 0:
+        raise UserError(f"pick.se_margin={se_margin!r}: must be a number >= 0 (1: each classifier's paired "
+                        "difference clears the tolerance by one paired standard error)")
     quality = cfg.quality
     if quality not in QUALITIES:
         raise UserError(f"quality={quality!r}: allowed: {list(QUALITIES)}")
@@ -345,10 +352,11 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
             else "quality_run_seconds")
     techniques = _plain(cfg.pick.get("techniques"))
     add_same_steps_speedups(selection, cost)
-    pick_row = pick_fastest(selection, judges, tolerance, cost, techniques, frechet_tolerance, same_steps_speedup)
+    pick_row = pick_fastest(selection, judges, tolerance, cost, techniques, frechet_tolerance, same_steps_speedup,
+                            se_margin)
     pick = next((p for p in points if p.key == pick_row["key"]), None) if pick_row else None
     # of every kind: fewer steps alone may beat the pick
-    any_row = pick_fastest(selection, judges, tolerance, cost, None, frechet_tolerance)
+    any_row = pick_fastest(selection, judges, tolerance, cost, None, frechet_tolerance, se_margin=se_margin)
     fastest = next((p for p in points if p.key == any_row["key"]), None) if any_row else None
 
     # 2. report on the report set
@@ -369,6 +377,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     kinds = f" among {techniques}" if techniques else ""
     rule = (f"the fastest point{kinds} (by {cost}) of the selection set within {tolerance:g} of the large model "
             f"alone by each of {judges}"
+            + (f" (clearing it by {se_margin:g} paired SE)" if se_margin and quality == "digits" else "")
             + (f", with a Fréchet distance at most {100 * frechet_tolerance:g}% above its" if frechet_tolerance
                is not None and quality == "digits" else "")
             + (f", and at least {same_steps_speedup:g}x cheaper than the large model alone at its own sampler and "
