@@ -114,6 +114,9 @@ class WorkCounter:
         """Once, at the first call: the module's MACs per row, on a plain meta copy (no hooks) at batch 1."""
         template = plain_meta_copy(module)
 
+        # eager under compile=regional: traced, its `is None` check and the arguments' count would be guards
+        # that fail after the first call (a recompile of the block for bookkeeping)
+        @torch.compiler.disable
         def hook(_, args, kwargs):
             if getattr(counts, attr) is None:
                 one = [_meta(a[:1]) if torch.is_tensor(a) and a.ndim else _meta(a) for a in args]

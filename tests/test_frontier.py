@@ -509,13 +509,16 @@ def test_the_script_runs_a_tiny_sweep(tmp_path):
 def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_sample):
     fast = compose_sample("+exp=digits_fast")
     base = compose_sample("+exp=digits_fast", "accel=none")
-    # the protocol's pick (configs/frontier/digits_strict.yaml): S 0.6 -> L, DPM-Solver++ 2M, 10 steps, cfg 1.5
-    assert label(fast.accel) == "tstitch" and set(fast.accel.hooks) == {"tstitch"}
+    # the protocol's pick (configs/frontier.yaml): S 0.4 -> L with FirstBlockCache, DPM-Solver++ 2M, 20 steps, cfg 1.5
+    assert label(fast.accel) == "tstitch+first_block_cache"
+    assert set(fast.accel.hooks) == {"tstitch", "first_block_cache"}
     assert fast.accel.models.small.name == "DiT-digits-S" and fast.model.name == "DiT-digits-L"
     assert fast.accel.models.small.ckpt == "checkpoints/digits/digits_s.pt"
     hooks = OmegaConf.to_container(fast.accel.hooks, resolve=True)
-    assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio == 0.6
-    assert (fast.sampler.name, fast.sampler.steps, fast.sampler.cfg_scale) == ("dpmpp_2m", 10, 1.5)
+    assert hooks["tstitch"]["ratio"] == fast.accel.tstitch.ratio == 0.4
+    assert hooks["first_block_cache"]["threshold"] == 0.2   # configs/accel/first_block_cache.yaml's, as swept
+    assert (fast.sampler.name, fast.sampler.steps, fast.sampler.cfg_scale) == ("dpmpp_2m", 20, 1.5)
+    assert own_point(fast).key == "dpmpp_2m20-r0.40-first_block_cache"   # the sweep point's key
     assert label(base.accel) == "none" and not stitched_models(base.accel) and not base.accel.hooks
     for key in ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "num_threads"):
         assert OmegaConf.select(base, key) == OmegaConf.select(fast, key), key
@@ -524,14 +527,15 @@ def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_
 def test_digits_fast_samples_and_differs_from_its_baseline(compose_sample, tmp_path, run_latents):
     from runs.run import run_from_config
 
-    tiny = ["sampler.steps=10", "num_samples=4", "batch_size=4", "progress=false", CKPTS[0]]
+    tiny = ["num_samples=4", "batch_size=4", "progress=false", CKPTS[0]]
     fast = compose_sample("+exp=digits_fast", *tiny, CKPTS[1])
     base = compose_sample("+exp=digits_fast", "accel=none", *tiny)
     m_fast, m_base = run_from_config(fast, tmp_path / "fast"), run_from_config(base, tmp_path / "base")
     ratio = fast.accel.tstitch.ratio
-    assert m_fast["steps_per_model"] == {"DiT-digits-S": round(10 * ratio), "DiT-digits-L": 10 - round(10 * ratio)}
-    assert m_base["steps_per_model"] == {"DiT-digits-L": 10} and m_base["accel"] == "none"
-    assert m_fast["macs_per_image"] < m_base["macs_per_image"]
+    assert m_fast["steps_per_model"] == {"DiT-digits-S": round(20 * ratio), "DiT-digits-L": 20 - round(20 * ratio)}
+    assert m_base["steps_per_model"] == {"DiT-digits-L": 20} and m_base["accel"] == "none"
+    # the cache skips blocks of the large model's steps: fewer MACs spent than T-Stitch alone counts
+    assert m_fast["macs_per_image_spent"] < m_fast["macs_per_image"] < m_base["macs_per_image"]
     assert not np.allclose(run_latents(tmp_path / "fast"), run_latents(tmp_path / "base"), atol=1e-3)
 
 
