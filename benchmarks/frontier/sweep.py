@@ -33,8 +33,7 @@ from runs.techniques import CACHES, label
 from .judges import JUDGES, PAIRED, QUALITIES, check_pick_judges, paired_stats
 from .pareto import plot_frontier, plot_steps_samplers
 from .points import ACCEL_KINDS, TECHNIQUES, Gate, Point, grid_points
-from .report import (add_same_steps_speedups, compiled_table, mark_frontiers, markdown_table, pick_fastest,
-                     summary)
+from .report import add_same_steps_speedups, compiled_table, mark_frontiers, markdown_table, pick_fastest, summary
 from .timing import time_round_robin
 
 log = logging.getLogger(__name__)
