@@ -295,6 +295,16 @@ def test_cache_points_of_a_grid():
     assert "accel=taylorseer" in alone.overrides(names)
     assert {"accel=[tstitch,taylorseer]", "accel.tstitch.ratio=0.4"} <= set(stitched.overrides(names))
     assert "accel.mag_cache.calibration=digits" in points[4].overrides(names, {"mag_cache": {"calibration": "digits"}})
+    # step settings of a cache are fractions of each point's steps in a sweep, like T-GATE's gate step
+    fractions = {"taylorseer": {"disable_cache_before_step": 0.25, "disable_cache_after_step": None,
+                                "cache_interval": 3}}
+    for steps, before in ((20, 5), (50, 13), (6, 2)):
+        point = Point(0.0, None, "dpmpp_2m", steps, cache="taylorseer")
+        out = point.overrides(names, fractions)
+        assert f"accel.taylorseer.disable_cache_before_step={before}" in out, out
+        assert "accel.taylorseer.disable_cache_after_step=null" in out and "accel.taylorseer.cache_interval=3" in out
+    with pytest.raises(ValueError, match=r"retention_steps=2: in a sweep cache_settings.sea_cache.retention_steps"):
+        Point(0.0, None, "ddim", 20, cache="sea_cache").overrides(names, {"sea_cache": {"retention_steps": 2}})
 
 
 def test_a_cache_on_the_tiny_sweep_spends_fewer_macs(frontier_cfg, tmp_path):
@@ -522,6 +532,26 @@ def test_digits_fast_composes_and_its_baseline_is_the_large_model_alone(compose_
     assert label(base.accel) == "none" and not stitched_models(base.accel) and not base.accel.hooks
     for key in ("model", "vae", "sampler", "schedule", "seed", "labels", "num_samples", "batch_size", "num_threads"):
         assert OmegaConf.select(base, key) == OmegaConf.select(fast, key), key
+
+
+def test_digits_fast_is_the_recorded_pick_and_meets_the_claim(compose_sample):
+    """docs/digits_frontier.json (the committed frontier.json of docs/frontier.md's sweep): chosen on the selection
+    seeds, reported on disjoint ones, and +exp=digits_fast is its pick; on the report set the pick is >= 2x faster
+    than the large model alone at the same sampler and steps and within 1 point of it by both classifiers."""
+    record = json.loads((ROOT / "docs" / "digits_frontier.json").read_text())
+    (a, b), (c, d) = record["seeds"]["selection"]["seeds"], record["seeds"]["report"]["seeds"]
+    assert (b < c or d < a) and record["pick_chosen_on"] == "selection" and record["disjoint"]
+    assert record["seeds"]["report"]["num_samples"] >= 2000
+    assert own_point(compose_sample("+exp=digits_fast")).key == record["pick"]
+    report = {r["key"]: r for r in record["report"]}
+    assert {r["set"] for r in report.values()} == {"report"}
+    pick = report[record["pick"]]
+    same = report[pick["same_steps_key"]]
+    assert (same["sampler"], same["steps"], same["technique"]) == (pick["sampler"], pick["steps"], "steps")
+    assert pick["same_steps_speedup"] == pytest.approx(same["seconds"] / pick["seconds"])
+    assert pick["same_steps_speedup"] >= 2.0
+    for key in ("accuracy", "logreg_accuracy"):
+        assert pick[key] >= same[key] - 0.01 and pick[key] >= record["report"][0][key] - 0.01
 
 
 def test_digits_fast_samples_and_differs_from_its_baseline(compose_sample, tmp_path, run_latents):

@@ -27,6 +27,11 @@ ACCEL_KINDS = ("baseline", "tstitch", "tgate", "combined")  # "steps" runs the b
 TECHNIQUE_NAMES = {"baseline": "large alone", "steps": "large alone, fewer steps / sampler", "tstitch": "T-Stitch",
                    "tgate": "T-GATE", "combined": "T-Stitch + T-GATE", "caches": "diffusers cache (+ T-Stitch)"}
 GATE_KEYS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "branch")
+# the caches' settings that are step indices or counts of steps: in a sweep's `cache_settings` they are FRACTIONS
+# of each point's steps, like T-GATE's gate_step (0.25 of 20 -> 5); left out, configs/accel/<cache>.yaml's count
+# holds at every step count. (FasterCache's and PAB's ranges are timesteps 0..999, the same at any step count.)
+CACHE_STEP_KEYS = {"taylorseer": ("disable_cache_before_step", "disable_cache_after_step"),
+                   "sea_cache": ("retention_steps", "cache_end_steps")}
 GRID_KEYS = ("name", "samplers", "steps", "fractions", "gates", "caches")
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "ddpm", "pipeline")  # configs/sampler/ (pipeline: a diffusers pipeline's loop)
 SAMPLER_SHORT = {"ddim": "DDIM", "dpmpp_2m": "DPM++2M", "euler": "Euler", "ddpm": "DDPM", "pipeline": "pipeline"}
@@ -131,8 +136,11 @@ class Point:
         (e.g. mag_cache's calibration) as accel.<cache>.<key>=<value>."""
         if self.cache is not None:
             accel = f"[tstitch,{self.cache}]" if self.fraction > 0 else self.cache
-            settings = (cache_settings or {}).get(self.cache) or {}
-            extra = [f"accel.{self.cache}.{k}={v}" for k, v in settings.items()]
+            settings = dict((cache_settings or {}).get(self.cache) or {})
+            for key in CACHE_STEP_KEYS.get(self.cache, ()):
+                if settings.get(key) is not None:
+                    settings[key] = step_index(settings[key], self.steps, key, f"cache_settings.{self.cache}")
+            extra = [f"accel.{self.cache}.{k}={'null' if v is None else v}" for k, v in settings.items()]
         else:
             accel, extra = accel_names[self.accel_kind], []
         out = [f"sampler={self.sampler}", f"sampler.steps={self.steps}", f"accel={accel}", *extra]
@@ -143,11 +151,12 @@ class Point:
         return out
 
 
-def step_index(fraction, steps: int, name: str) -> int:
+def step_index(fraction, steps: int, name: str, owner: str = "T-GATE's") -> int:
     """A fraction of the steps as a step index (rounded half up): 0.8 of 50 -> 40, of 25 -> 20."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise UserError(f"{name}={fraction!r}: in a sweep's grid T-GATE's {name} is a fraction of the steps, "
-                        "a number in [0, 1] (0.8 = step 40 of 50)")
+        where = f"in a sweep's grid {owner} {name}" if owner == "T-GATE's" else f"in a sweep {owner}.{name}"
+        raise UserError(f"{name}={fraction!r}: {where} is a fraction of the steps, a number in [0, 1] "
+                        "(0.8 = step 40 of 50)")
     return int(math.floor(fraction * steps + 0.5))
 
 
