@@ -311,7 +311,7 @@ def test_a_cache_on_the_tiny_sweep_spends_fewer_macs(frontier_cfg, tmp_path):
     compose_frontier, compose_sample = frontier_cfg
     cfg = compose_frontier(*TINY, "timing.repeats=0", "seeds.selection.num_samples=4", "seeds.report.num_samples=4",
                            "batch_size=4", "grids=[{caches: [taylorseer]}]", "pick.techniques=[caches]",
-                           "+cache_settings.taylorseer={disable_cache_before_step: 2}")  # its default: 5 of 6
+                           "+cache_settings.taylorseer={disable_cache_before_step: 0.34}")  # 2 of 6; default 5
     result = run_frontier(cfg, compose_sample, tmp_path / "sweep", progress=False)
     sel = {r["key"]: r for r in result["selection_rows"]}
     assert list(sel) == ["ddim6-r0.00", "ddim6-r0.00-taylorseer"]
