@@ -202,9 +202,8 @@ def summary(rows: Sequence[dict], pick: dict | None, rule: str, base_name: str =
     else:
         text.append(f"pick ({rule}): {pick['label']} ({pick['key']}), on the report set: "
                     + _versus(pick, baseline, quality))
-        same = next((r for r in rows if r["technique"] in ("baseline", "steps") and r["sampler"] == pick["sampler"]
-                     and r["steps"] == pick["steps"] and r is not baseline), None)
-        if same is not None:  # the large model alone at the pick's own sampler and steps
+        same = same_steps_row(rows, pick)
+        if same is not None and same is not baseline:  # the large model alone at the pick's own sampler and steps
             text.append(f"pick against {same['label']} ({same['key']}), paired: " + _paired(pick, same, quality))
     if fastest_any is not None and fastest_any is not pick:
         text.append(f"the fastest point of ANY kind within the same tolerance (selection set): {fastest_any['label']} "

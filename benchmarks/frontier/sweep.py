@@ -105,6 +105,16 @@ def same_steps_points(points: list[Point], base: tuple[str, int]) -> list[Point]
     return [Point(0.0, None, s, n, base=(s, n) == base) for s, n in wanted if (s, n) not in have]
 
 
+def _optional_number(cfg: DictConfig, key: str, low: float, example: str) -> float | None:
+    """cfg's `key`: null, or a number >= low (as a float)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        raise UserError(f"{key}={value!r}: must be null or a number >= {low} ({example})")
+    return float(value)
+
+
 def _int(cfg: DictConfig, key: str, low: int) -> int:
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -241,6 +251,14 @@ def compile_modes(cfg: DictConfig) -> list[str]:
     return modes
 
 
+def compile_sets(cfg: DictConfig) -> list[str]:
+    """timing.compile_sets: the seed sets timed compiled too (default both)."""
+    sets = _plain(cfg.timing.get("compile_sets")) or list(SETS)
+    if not isinstance(sets, list) or set(sets) - set(SETS):
+        raise UserError(f"timing.compile_sets={sets!r}: a list of {list(SETS)} (the sets timed compiled too)")
+    return sets
+
+
 def _time(rows: list[dict], cfgs: dict[str, DictConfig], cfg: DictConfig, repeats: int, progress: bool) -> None:
     """Round-robin time of every row, eager (seconds, speedup) and, for each compiled mode of timing.compile, in
     its own round-robin (seconds_<mode>, speedup_<mode> against the large model alone compiled alike, and
@@ -251,9 +269,8 @@ def _time(rows: list[dict], cfgs: dict[str, DictConfig], cfg: DictConfig, repeat
 
     timing = cfg.timing
     backend = str(timing.get("compile_backend") or "inductor")
-    compiled_sets = _plain(timing.get("compile_sets")) or list(SETS)
     for mode in compile_modes(cfg):
-        if mode != "none" and rows[0]["set"] not in compiled_sets:
+        if mode != "none" and rows[0]["set"] not in compile_sets(cfg):
             continue  # compiling every point of a large selection grid costs more than it tells
         timed = {r["key"]: cfgs[r["key"]] for r in rows}
         if mode != "none":
@@ -300,23 +317,12 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise UserError(f"pick.tolerance={tolerance!r}: must be a number in [0, 1) (agreement is a share)")
     tolerance = float(tolerance)
-    frechet_tolerance = cfg.pick.get("frechet_tolerance")
-    if frechet_tolerance is not None and (isinstance(frechet_tolerance, bool)
-                                          or not isinstance(frechet_tolerance, (int, float)) or frechet_tolerance < 0):
-        raise UserError(f"pick.frechet_tolerance={frechet_tolerance!r}: must be null or a number >= 0 (0.1: the "
-                        "Fréchet distance at most 10% above the large model alone's)")
-    frechet_tolerance = None if frechet_tolerance is None else float(frechet_tolerance)
-    same_steps_speedup = cfg.pick.get("same_steps_speedup")
-    if same_steps_speedup is not None and (isinstance(same_steps_speedup, bool)
-                                           or not isinstance(same_steps_speedup, (int, float))
-                                           or same_steps_speedup < 1):
-        raise UserError(f"pick.same_steps_speedup={same_steps_speedup!r}: must be null or a number >= 1 (2: the "
-                        "pick at least 2x faster than the large model alone at its own sampler and steps)")
-    same_steps_speedup = None if same_steps_speedup is None else float(same_steps_speedup)
-    se_margin = cfg.pick.get("se_margin") or 0.0
-    if isinstance(se_margin, bool) or not isinstance(se_margin, (int, float)) or se_margin < 0:
-        raise UserError(f"pick.se_margin={se_margin!r}: must be a number >= 0 (1: each classifier's paired "
-                        "difference clears the tolerance by one paired standard error)")
+    frechet_tolerance = _optional_number(cfg, "pick.frechet_tolerance", 0, "0.1: the Fréchet distance at most 10% "
+                                         "above the large model alone's")
+    same_steps_speedup = _optional_number(cfg, "pick.same_steps_speedup", 1, "2: the pick at least 2x faster than "
+                                          "the large model alone at its own sampler and steps")
+    se_margin = _optional_number(cfg, "pick.se_margin", 0, "1: each classifier's paired difference clears the "
+                                 "tolerance by one paired standard error") or 0.0
     quality = cfg.quality
     if quality not in QUALITIES:
         raise UserError(f"quality={quality!r}: allowed: {list(QUALITIES)}")
@@ -332,9 +338,7 @@ def run_frontier(cfg: DictConfig, compose: Compose, out_dir: str | Path, progres
     timed_sets = list(cfg.timing.get("sets") or SETS)
     if set(timed_sets) - set(SETS):
         raise UserError(f"timing.sets={timed_sets!r}: each must be one of {list(SETS)}")
-    compiled_sets = _plain(cfg.timing.get("compile_sets")) or list(SETS)
-    if not isinstance(compiled_sets, list) or set(compiled_sets) - set(SETS):
-        raise UserError(f"timing.compile_sets={compiled_sets!r}: a list of {list(SETS)} (the sets timed compiled too)")
+    compile_sets(cfg)
     points, own = sweep_points(cfg, compose)
     sampler, steps = points[0].sampler, points[0].steps
     extra = _points(cfg, "report_grids", sampler, steps)[1:]
